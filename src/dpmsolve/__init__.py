@@ -1,0 +1,37 @@
+"""dpmsolve: fast, training-free samplers for diffusion and flow models (DPM-Solver family and peers)."""
+
+from .grids import GRIDS as GRIDS, check_grid as check_grid, make_grid as make_grid
+from .model import (
+    PREDICTIONS as PREDICTIONS,
+    TIME_INPUTS as TIME_INPUTS,
+    ClassifierFreeGuidance as ClassifierFreeGuidance,
+    ClassifierGuidance as ClassifierGuidance,
+    ClipX0 as ClipX0,
+    Denoiser as Denoiser,
+    DynamicThresholding as DynamicThresholding,
+    ModelDenoiser as ModelDenoiser,
+    Prediction as Prediction,
+    wrap_model as wrap_model,
+)
+from .sampling import NonFiniteError as NonFiniteError, Solution as Solution, StepInfo as StepInfo
+from .sampling import invert as invert, sample as sample
+from .schedules import (
+    EDM as EDM,
+    CosineVP as CosineVP,
+    DiscreteVP as DiscreteVP,
+    LinearVP as LinearVP,
+    RectifiedFlow as RectifiedFlow,
+    Schedule as Schedule,
+)
+from .solvers import (
+    DDIM as DDIM,
+    SOLVERS as SOLVERS,
+    AdaptiveDPMSolver as AdaptiveDPMSolver,
+    DPMSolverMultistep as DPMSolverMultistep,
+    DPMSolverSinglestep as DPMSolverSinglestep,
+    SDEDPMSolverPP as SDEDPMSolverPP,
+    Solver as Solver,
+    get_solver as get_solver,
+)
+
+__version__ = "0.1.0"

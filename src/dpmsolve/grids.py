@@ -1,0 +1,113 @@
+"""Time grids: ``steps + 1`` strictly decreasing times from ``t_start`` (noise) to ``t_end`` (data).
+
+Every grid is defined through the schedule, so one name means the same spacing for every model family:
+``karras`` and ``exponential`` are spacings of the VE sigma ``sigma/alpha = exp(-lambda)``, ``logSNR`` is
+uniform in lambda (the reference DPM-Solver's recommendation for small images), ``time_uniform`` and
+``time_quadratic`` are spacings of the schedule's own t.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .schedules import Schedule
+
+__all__ = ["GRIDS", "make_grid", "check_grid", "time_uniform", "log_snr_uniform", "time_quadratic",
+           "karras", "exponential", "flow_shift"]
+
+
+def time_uniform(schedule: Schedule, steps: int, t_start: float, t_end: float) -> np.ndarray:
+    """Uniform in t."""
+    return np.linspace(t_start, t_end, steps + 1)
+
+
+def log_snr_uniform(schedule: Schedule, steps: int, t_start: float, t_end: float) -> np.ndarray:
+    """Uniform in lambda = log(alpha/sigma) (Lu et al. 2022, 'logSNR')."""
+    lams = np.linspace(schedule.log_snr(t_start), schedule.log_snr(t_end), steps + 1)
+    return schedule.t_from_log_snr(lams)
+
+
+def time_quadratic(schedule: Schedule, steps: int, t_start: float, t_end: float) -> np.ndarray:
+    """Uniform in sqrt(t) (Song et al. 2021 DDIM 'quad'; the reference's 'time_quadratic')."""
+    return np.linspace(np.sqrt(t_start), np.sqrt(t_end), steps + 1) ** 2
+
+
+def karras(schedule: Schedule, steps: int, t_start: float, t_end: float, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) Eq. 5: uniform in sigma_VE^(1/rho), sigma_VE = sigma/alpha = exp(-lambda)."""
+    if rho <= 0:
+        raise ValueError(f"karras grid needs rho > 0, got {rho}.")
+    s_max, s_min = np.exp(-schedule.log_snr(t_start)), np.exp(-schedule.log_snr(t_end))
+    ramp = np.linspace(0.0, 1.0, steps + 1)
+    sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    return _with_exact_ends(schedule.t_from_log_snr(-np.log(sigmas)), t_start, t_end)
+
+
+def exponential(schedule: Schedule, steps: int, t_start: float, t_end: float) -> np.ndarray:
+    """Geometric in sigma_VE (k-diffusion's ``get_sigmas_exponential``): the same grid as ``logSNR``."""
+    return log_snr_uniform(schedule, steps, t_start, t_end)
+
+
+def flow_shift(schedule: Schedule, steps: int, t_start: float, t_end: float, shift: float = 3.0) -> np.ndarray:
+    """The flow-matching time shift (Esser et al. 2024, SD3): ``u -> shift u / (1 + (shift - 1) u)`` applied to
+    a uniform ramp u in [1, 0] mapped onto [t_end, t_start]; for RectifiedFlow with the full range this is
+    diffusers' ``flow_shift`` grid. shift > 1 spends more steps at high noise."""
+    if shift <= 0:
+        raise ValueError(f"flow_shift grid needs shift > 0, got {shift}.")
+    u = np.linspace(1.0, 0.0, steps + 1)
+    u = shift * u / (1.0 + (shift - 1.0) * u)
+    return t_end + (t_start - t_end) * u
+
+
+def _with_exact_ends(ts: np.ndarray, t_start: float, t_end: float) -> np.ndarray:
+    ts = np.array(ts, dtype=np.float64)
+    ts[0], ts[-1] = t_start, t_end
+    return ts
+
+
+GRIDS: dict[str, Callable[..., np.ndarray]] = {
+    "time_uniform": time_uniform,
+    "logSNR": log_snr_uniform,
+    "time_quadratic": time_quadratic,
+    "karras": karras,
+    "exponential": exponential,
+    "flow_shift": flow_shift,
+}
+
+
+def make_grid(schedule: Schedule, steps: int, kind: str = "logSNR", t_start: float | None = None,
+              t_end: float | None = None, **options) -> np.ndarray:
+    """``steps + 1`` times from ``t_start`` (default ``t_max``) down to ``t_end`` (default ``t_min``).
+
+    ``kind`` is a name in ``GRIDS``; ``options`` go to the grid (``rho`` for karras, ``shift`` for flow_shift).
+    """
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}.")
+    if kind not in GRIDS:
+        raise ValueError(f"Unknown grid {kind!r}; valid names are: {', '.join(GRIDS)} "
+                         "(or pass an explicit array of times).")
+    t_start = schedule.t_max if t_start is None else float(t_start)
+    t_end = schedule.t_min if t_end is None else float(t_end)
+    check_grid(schedule, [t_start, t_end], name="[t_start, t_end]")
+    ts = _with_exact_ends(GRIDS[kind](schedule, int(steps), t_start, t_end, **options), t_start, t_end)
+    return check_grid(schedule, ts, name=f"the {kind!r} grid")
+
+
+def check_grid(schedule: Schedule, ts, increasing: bool = False, name: str = "the time grid") -> np.ndarray:
+    """Validate an explicit grid: at least 2 times, strictly monotone, inside the schedule's range."""
+    ts = np.asarray(ts, dtype=np.float64).reshape(-1)
+    if ts.size < 2:
+        raise ValueError(f"{name} needs at least 2 times (start and end), got {ts.size}.")
+    if not np.all(np.isfinite(ts)):
+        raise ValueError(f"{name} contains NaN or Inf.")
+    diffs = np.diff(ts)
+    if increasing and not np.all(diffs > 0):
+        raise ValueError(f"{name} must be strictly increasing for inversion (data -> noise); got {ts}.")
+    if not increasing and not np.all(diffs < 0):
+        raise ValueError(f"{name} must be strictly decreasing (from noise at t_max to data at t_min); got "
+                         f"{ts}. Reverse it, or use invert() to go from data to noise.")
+    if not schedule.contains(ts):
+        raise ValueError(f"{name} leaves the schedule's range [t_min, t_max] = [{schedule.t_min:.6g}, "
+                         f"{schedule.t_max:.6g}]: it spans [{ts.min():.6g}, {ts.max():.6g}].")
+    return np.clip(ts, schedule.t_min, schedule.t_max)

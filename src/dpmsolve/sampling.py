@@ -1,0 +1,214 @@
+"""The sampling loop, written once: ``sample`` (noise -> data) and ``invert`` (data -> noise).
+
+It owns what every solver needs around it: the progress bar, per-step callbacks, NFE accounting, saving
+intermediates, the NaN/Inf guard, and the precision policy (the solver works in at least float32; the sample
+keeps the caller's dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .grids import check_grid, make_grid
+from .model import Denoiser, Prediction
+from .solvers import Solver, get_solver
+
+__all__ = ["sample", "invert", "Solution", "StepInfo", "NonFiniteError"]
+
+
+class NonFiniteError(FloatingPointError):
+    """The model returned NaN or Inf; sampling stopped (pass ``check_finite=False`` to go on regardless)."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a callback receives after each completed step."""
+
+    step: int            # 1-based index of the completed step
+    t: float             # time the solution has reached
+    x: torch.Tensor      # the solution at t
+    x0: torch.Tensor     # the data prediction of the step's first evaluation (a preview of the sample)
+    nfe: int             # model evaluations so far
+
+
+@dataclass
+class Solution:
+    """The result of ``sample`` / ``invert``."""
+
+    x: torch.Tensor
+    nfe: int
+    ts: np.ndarray                                  # times the solution passed through (accepted steps)
+    solver: Solver
+    trajectory: list[torch.Tensor] | None = None    # x at each time in ts (return_intermediates=True)
+    x0_previews: list[torch.Tensor] | None = None   # x0 prediction of each step's first evaluation
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve_solver(solver, options: Mapping[str, Any]) -> Solver:
+    if isinstance(solver, Solver):
+        if options:
+            raise ValueError(f"Solver options {sorted(options)} were given with a solver object; set them on the "
+                             "object instead (or pass the solver by name).")
+        return solver
+    if isinstance(solver, str):
+        return get_solver(solver, **options)
+    raise ValueError(f"solver must be a registry name or a Solver object, got {type(solver).__name__}.")
+
+
+def _resolve_grid(denoiser: Denoiser, grid, steps, t_start, t_end, grid_options) -> np.ndarray:
+    if isinstance(grid, str):
+        return make_grid(denoiser.schedule, 20 if steps is None else steps, grid, t_start, t_end,
+                         **(grid_options or {}))
+    ts = np.asarray(grid, dtype=np.float64)
+    if steps is not None and steps != ts.size - 1:
+        raise ValueError(f"steps={steps} disagrees with the explicit grid of {ts.size} times; pass one of them.")
+    if t_start is not None or t_end is not None or grid_options:
+        raise ValueError("t_start, t_end and grid_options apply to named grids only; an explicit grid holds "
+                         "its own times.")
+    return ts
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    if not dtype.is_floating_point:
+        raise ValueError(f"x must be a floating-point tensor, got {dtype}.")
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_finite(pred: Prediction, step: int, t: float) -> None:
+    if not (torch.isfinite(pred.x0).all() and torch.isfinite(pred.eps).all()):
+        raise NonFiniteError(f"The model returned NaN or Inf at step {step} (t={t:.6g}). Check the model and its "
+                             "time input, or use a lower guidance scale; pass check_finite=False to continue.")
+
+
+def _solve(denoiser: Denoiser, x: torch.Tensor, solver: Solver, ts: np.ndarray, *, generator, callback,
+           progress, return_intermediates, check_finite, model_kwargs, denoise_to_zero) -> Solution:
+    if not isinstance(denoiser, Denoiser):
+        raise ValueError("denoiser must be built by dpmsolve.wrap_model (or be a dpmsolve.Denoiser).")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor with a batch dimension.")
+    in_dtype, work = x.dtype, _work_dtype(x.dtype)
+    model_kwargs = dict(model_kwargs or {})
+    nfe = 0
+
+    def evaluate(x_eval: torch.Tensor, t: float, step: int) -> Prediction:
+        nonlocal nfe
+        pred = denoiser(x_eval.to(in_dtype), t, **model_kwargs)
+        nfe += 1
+        pred = Prediction(pred.x0.to(work), pred.eps.to(work))
+        if check_finite:
+            _check_finite(pred, step, t)
+        return pred
+
+    state = solver.init(denoiser.schedule, ts, x.to(work), generator)
+    times, trajectory, previews = [float(ts[0])], [x] if return_intermediates else None, []
+    total = solver.expected_nfe(len(ts) - 1)
+    bar = _progress_bar(progress, total, solver)
+    step_x0 = None
+    try:
+        with torch.no_grad():
+            while not solver.done(state):
+                x_eval, t = solver.ask(state)
+                pred = evaluate(x_eval, t, len(times))
+                step_x0 = pred.x0 if step_x0 is None else step_x0
+                before, state = state, solver.tell(state, pred)
+                if bar is not None:
+                    bar.update(1)
+                if solver.step_completed(before, state):
+                    x_now, t_now = solver.current(state)
+                    times.append(t_now)
+                    if return_intermediates:
+                        trajectory.append(x_now.to(in_dtype))
+                        previews.append(step_x0.to(in_dtype))
+                    if callback is not None:
+                        callback(StepInfo(len(times) - 1, t_now, x_now.to(in_dtype), step_x0.to(in_dtype), nfe))
+                    step_x0 = None
+            x_out, t_out = solver.current(state)
+            if denoise_to_zero:
+                x_out = evaluate(x_out, t_out, len(times)).x0
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    stats = {"steps": len(times) - 1}
+    if solver.adaptive:
+        stats.update(accepted=state.accepted, rejected=state.rejected)
+    return Solution(x=x_out.to(in_dtype), nfe=nfe, ts=np.array(times), solver=solver, trajectory=trajectory,
+                    x0_previews=previews if return_intermediates else None, stats=stats)
+
+
+def _progress_bar(progress, total, solver):
+    if progress is False:
+        return None
+    from tqdm.auto import tqdm
+
+    # progress=None: tqdm decides (on for a terminal, off when output is redirected).
+    return tqdm(total=total, desc=f"dpmsolve {type(solver).__name__}", unit="nfe",
+                disable=None if progress is None else not progress, leave=False)
+
+
+def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver = "dpmsolver++", *,
+           steps: int | None = None, grid: str | Sequence[float] = "logSNR", t_start: float | None = None,
+           t_end: float | None = None, grid_options: Mapping[str, Any] | None = None,
+           denoise_to_zero: bool = False, generator: torch.Generator | None = None, seed: int | None = None,
+           callback: Callable[[StepInfo], None] | None = None, progress: bool | None = None,
+           return_intermediates: bool = False, check_finite: bool = True,
+           model_kwargs: Mapping[str, Any] | None = None, **solver_options) -> Solution:
+    """Solve from noise ``x`` at ``t_start`` (default ``t_max``) to data at ``t_end`` (default ``t_min``).
+
+    Args:
+        denoiser: from :func:`dpmsolve.wrap_model`, possibly inside guidance / thresholding wrappers.
+        x: the starting noise, shape ``(batch, ...)``; fp16/bf16 stay fp16/bf16 (the solver works in float32).
+        solver: a registry name (``"ddim"``, ``"dpmsolver"``, ``"dpmsolver++"``, ``"sde-dpmsolver++"``) with its
+            options as keyword arguments (``order=3``, ``method="singlestep"``, ``solver_type="taylor"``, ...), or
+            a Solver object.
+        steps: grid intervals (default 20). For every fixed-grid solver NFE = steps (+1 with denoise_to_zero).
+        grid: a grid name (``"logSNR"``, ``"time_uniform"``, ``"time_quadratic"``, ``"karras"``, ``"exponential"``,
+            ``"flow_shift"``) or an explicit strictly decreasing array of times inside the schedule's range.
+        grid_options: options of a named grid, e.g. ``{"rho": 7}`` for karras, ``{"shift": 3}`` for flow_shift.
+        denoise_to_zero: one more evaluation at the end, returning its x0 prediction.
+        generator / seed: randomness of stochastic solvers (a seed creates a CPU generator on x's device).
+        callback: called with a :class:`StepInfo` after every completed step.
+        progress: tqdm progress bar; None shows it only on a terminal.
+        return_intermediates: keep x and the x0 preview at every step in the Solution.
+        check_finite: stop with :class:`NonFiniteError` (naming the step and t) when the model returns NaN/Inf.
+        model_kwargs: keyword arguments for every model call (class labels, text embeddings).
+    """
+    solver = _resolve_solver(solver, solver_options)
+    ts = _resolve_grid(denoiser, grid, steps, t_start, t_end, grid_options)
+    ts = check_grid(denoiser.schedule, ts)
+    if solver.adaptive:
+        ts = ts[[0, -1]]
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=x.device).manual_seed(int(seed))
+    if solver.stochastic and generator is None:
+        generator = torch.Generator(device=x.device).manual_seed(int(torch.randint(2**62, ()).item()))
+    return _solve(denoiser, x, solver, ts, generator=generator, callback=callback, progress=progress,
+                  return_intermediates=return_intermediates, check_finite=check_finite, model_kwargs=model_kwargs,
+                  denoise_to_zero=denoise_to_zero)
+
+
+def invert(denoiser: Denoiser, x0: torch.Tensor, solver: str | Solver = "dpmsolver++", *,
+           steps: int | None = None, grid: str | Sequence[float] = "logSNR", t_start: float | None = None,
+           t_end: float | None = None, grid_options: Mapping[str, Any] | None = None,
+           callback: Callable[[StepInfo], None] | None = None, progress: bool | None = None,
+           return_intermediates: bool = False, check_finite: bool = True,
+           model_kwargs: Mapping[str, Any] | None = None, **solver_options) -> Solution:
+    """Run the probability-flow ODE backwards, from data ``x0`` at ``t_end`` (default ``t_min``) to noise at
+    ``t_start`` (default ``t_max``), with the same deterministic solvers and grids as :func:`sample` (the grid
+    is the sampling grid reversed). Sampling from the result with the same settings reconstructs ``x0`` up to
+    the solvers' discretisation error."""
+    solver = _resolve_solver(solver, solver_options)
+    if solver.stochastic:
+        raise ValueError("invert() needs a deterministic solver (eta = 0); SDE solvers cannot be inverted.")
+    ts = _resolve_grid(denoiser, grid, steps, t_start, t_end, grid_options)
+    ts = check_grid(denoiser.schedule, ts[::-1].copy(), increasing=True, name="the inversion grid")
+    if solver.adaptive:
+        ts = ts[[0, -1]]
+    return _solve(denoiser, x0, solver, ts, generator=None, callback=callback, progress=progress,
+                  return_intermediates=return_intermediates, check_finite=check_finite, model_kwargs=model_kwargs,
+                  denoise_to_zero=False)

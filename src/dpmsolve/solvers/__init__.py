@@ -1,0 +1,49 @@
+"""Solvers and their registry: names follow the literature and the ecosystem."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from .adaptive import AdaptiveDPMSolver
+from .base import FixedGridSolver, Solver, Stage, State
+from .dpm_solver import DDIM, DPMSolverMultistep, DPMSolverSinglestep, SDEDPMSolverPP, fast_orders
+
+__all__ = ["SOLVERS", "get_solver", "Solver", "FixedGridSolver", "State", "Stage", "DDIM", "DPMSolverMultistep",
+           "DPMSolverSinglestep", "SDEDPMSolverPP", "AdaptiveDPMSolver", "fast_orders"]
+
+_METHODS = {"multistep": DPMSolverMultistep, "singlestep": DPMSolverSinglestep, "adaptive": AdaptiveDPMSolver}
+
+
+def _dpm_family(predict: str) -> Callable[..., Solver]:
+    def build(method: str = "multistep", **options) -> Solver:
+        if method not in _METHODS:
+            raise ValueError(f"Unknown method {method!r}; valid: {', '.join(_METHODS)}.")
+        return _construct(_METHODS[method], predict=predict, **options)
+
+    return build
+
+
+SOLVERS: dict[str, Callable[..., Solver]] = {
+    "ddim": DDIM,
+    "dpmsolver": _dpm_family("noise"),     # DPM-Solver (Lu et al. 2022), noise prediction
+    "dpmsolver++": _dpm_family("data"),    # DPM-Solver++ (Lu et al. 2022b), data prediction
+    "sde-dpmsolver++": SDEDPMSolverPP,
+}
+
+
+def _construct(cls, **options) -> Solver:
+    params = inspect.signature(cls).parameters
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no option(s) {', '.join(unknown)}; its options are: "
+                         f"{', '.join(params)}.")
+    return cls(**options)
+
+
+def get_solver(name: str, **options) -> Solver:
+    """The solver registered as ``name`` with its options, e.g. ``get_solver("dpmsolver++", order=3)``."""
+    if name not in SOLVERS:
+        raise ValueError(f"Unknown solver {name!r}; valid names are: {', '.join(SOLVERS)}.")
+    factory = SOLVERS[name]
+    return _construct(factory, **options) if inspect.isclass(factory) else factory(**options)

@@ -1,0 +1,241 @@
+"""DDIM, DPM-Solver and DPM-Solver++ (multistep, singlestep) and SDE-DPM-Solver++ on fixed grids.
+
+All of them are the same exponential integrator (``_exponential``) with different choices of which earlier
+predictions each step uses; every grid time but the last is evaluated exactly once, so NFE = steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ._exponential import Form, Node, Rule
+from .base import FixedGridSolver, warmup_orders
+
+_INTEGRATES = {"data": "x0", "noise": "eps"}
+
+
+def _check_order(name: str, order, allowed) -> int:
+    if not isinstance(order, int) or isinstance(order, bool) or order not in allowed:
+        raise ValueError(f"{name} supports order {', '.join(map(str, allowed))}; got {order!r}.")
+    return order
+
+
+def _rule(solver_type: str) -> Rule:
+    aliases = {"midpoint": "dpmsolver", "heun": "taylor"}
+    name = aliases.get(solver_type, solver_type)
+    if name not in {r.value for r in Rule}:
+        raise ValueError(f"Unknown solver_type {solver_type!r}; valid: 'dpmsolver' (alias 'midpoint'), "
+                         "'taylor' (alias 'heun').")
+    return Rule(name)
+
+
+def _integrates(predict: str) -> str:
+    if predict not in _INTEGRATES:
+        raise ValueError(f"predict must be 'data' (DPM-Solver++) or 'noise' (DPM-Solver), got {predict!r}.")
+    return _INTEGRATES[predict]
+
+
+class DDIM(FixedGridSolver):
+    """DDIM (Song et al. 2021, Eq. 12): order 1, one evaluation per step.
+
+    ``eta = 0`` is the deterministic DDIM, identical to DPM-Solver-1 and DPM-Solver++-1 (Lu et al. 2022,
+    Sec. 4.1). ``eta > 0`` adds fresh noise of std ``eta * sigma_t * sqrt(1 - e^{-2h})`` per step (the DDPM
+    posterior std at eta = 1, where DDIM equals SDE-DPM-Solver++-1); pass a seeded ``generator`` to
+    ``sample`` for reproducible samples.
+    """
+
+    integrates = "x0"
+
+    def __init__(self, eta: float = 0.0):
+        if not (eta >= 0):
+            raise ValueError(f"DDIM needs eta >= 0, got {eta!r}.")
+        self.eta = float(eta)
+
+    @property
+    def order(self) -> int:
+        return 1
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
+
+    def _step_form(self, s: Node, t: Node) -> Form:
+        # DDIM's noise std c = eta sigma_t sqrt(1 - e^{-2h}) is SDE-DPM-Solver++-1 with the step's own eta'.
+        h = t.lam - s.lam
+        if self.eta == 0 or h <= 0:
+            return Form(data=True)
+        keep = 1.0 - self.eta**2 * -math.expm1(-2.0 * h)
+        if keep <= 0:
+            raise ValueError(f"DDIM eta={self.eta} asks for more noise than the step holds; use eta <= 1.")
+        return Form(data=True, eta=-math.log(keep) / (2.0 * h))
+
+    def _stages(self, steps):
+        return [(i, (i,), Rule.TAYLOR, True) for i in range(steps)]
+
+    def __repr__(self):
+        return f"DDIM(eta={self.eta})"
+
+
+class DPMSolverMultistep(FixedGridSolver):
+    """Multistep DPM-Solver (``predict='noise'``) / DPM-Solver++ (``predict='data'``), orders 1-3.
+
+    One evaluation per step; step i uses the predictions at the last ``order`` grid times (Lu et al. 2022b,
+    Alg. 2 and App. B). Order 1 is DDIM.
+
+    - ``solver_type``: ``'dpmsolver'`` (reference formulas; diffusers' ``midpoint``) or ``'taylor'`` (exact
+      integration of the interpolating polynomial; diffusers' ``heun``). The reference 3M update exists only in
+      the ``'dpmsolver'`` form and weights the second difference by half the Taylor value, so it converges with
+      order 2; ``'taylor'`` 3M is third order.
+    - ``warmup``: ``'singlestep'`` (default) runs the first ``order - 1`` steps as one singlestep block of order
+      ``order - 1``, which keeps the declared order for 3M; ``'lower_order'`` is the reference's ramp
+      (orders 1, 2, ... while history builds up), which limits 3M to order 2.
+    - ``lower_order_final``: drop to order ``steps - i`` for the last steps (stabilises few-step sampling on
+      grids with a huge final lambda step). Explicit, with no hidden step-count threshold; it caps the global
+      order at 2.
+    """
+
+    def __init__(self, order: int = 2, predict: str = "data", solver_type: str = "dpmsolver",
+                 lower_order_final: bool = False, warmup: str = "singlestep"):
+        self._order = _check_order(type(self).__name__, order, (1, 2, 3))
+        self.predict = predict
+        self.integrates = _integrates(predict)
+        self.solver_type = solver_type
+        self.rule = _rule(solver_type)
+        if warmup not in ("singlestep", "lower_order"):
+            raise ValueError(f"warmup must be 'singlestep' or 'lower_order', got {warmup!r}.")
+        self.warmup = warmup
+        self.lower_order_final = bool(lower_order_final)
+
+    @property
+    def order(self) -> int:
+        p = self._order
+        if p == 3 and (self.rule is Rule.DPMSOLVER or self.warmup == "lower_order" or self.lower_order_final):
+            return 2
+        return p
+
+    def _stages(self, steps):
+        orders = warmup_orders(self._order, steps, self.lower_order_final)
+        block = min(self._order - 1, steps) if self.warmup == "singlestep" and self._order > 2 else 0
+        stages = []
+        for i in range(steps):
+            if i < block:  # one singlestep block over the first `block` intervals, anchored at 0
+                stages.append((0, tuple(range(i + 1)), Rule.TAYLOR if i + 1 < block else self.rule, i + 1 == block))
+            else:
+                stages.append((i, tuple(range(i, i - orders[i], -1)), self.rule, True))
+        return stages
+
+    def __repr__(self):
+        return (f"DPMSolverMultistep(order={self._order}, predict={self.predict!r}, solver_type={self.solver_type!r}"
+                f", lower_order_final={self.lower_order_final}, warmup={self.warmup!r})")
+
+
+def fast_orders(order: int, steps: int) -> list[int]:
+    """The reference's DPM-Solver-fast split of ``steps`` evaluations into singlestep orders (Lu et al. 2022,
+    Sec. 3.4): mostly ``order``, ending with lower orders so that the orders sum to ``steps``."""
+    if order == 3:
+        k = steps // 3 + 1
+        if steps % 3 == 0:
+            return [3] * (k - 2) + [2, 1]
+        return [3] * (k - 1) + [steps % 3]
+    if order == 2:
+        return [2] * (steps // 2) + [1] * (steps % 2)
+    return [1] * steps
+
+
+def fixed_orders(order: int, steps: int) -> list[int]:
+    """``order`` for every block, with the remainder as one lower-order block at the end."""
+    return [order] * (steps // order) + ([steps % order] if steps % order else [])
+
+
+class DPMSolverSinglestep(FixedGridSolver):
+    """Singlestep DPM-Solver (``predict='noise'``) / DPM-Solver++ (``predict='data'``), orders 1-3.
+
+    A block of order k spans k grid intervals: it evaluates the model at the block start and at the k - 1 grid
+    times inside the block (Lu et al. 2022, Alg. 1-2; r1, r2 follow from the grid, 1/3 and 2/3 on a uniform
+    logSNR grid), so NFE = steps. Intermediate points use Taylor steps of increasing order, the block's last
+    update uses ``solver_type`` (``'dpmsolver'``: DPM-Solver-2/3 of the paper; ``'taylor'``).
+
+    ``split='fast'`` is the reference's DPM-Solver-fast order split, which ends with lower-order blocks (order 3
+    then converges with order 2); ``split='fixed'`` uses ``order`` for every block (remainder last), or pass
+    ``orders`` explicitly (they must sum to ``steps``).
+    """
+
+    def __init__(self, order: int = 3, predict: str = "data", solver_type: str = "dpmsolver",
+                 split: str = "fast", orders: tuple[int, ...] | None = None):
+        self._order = _check_order(type(self).__name__, order, (1, 2, 3))
+        self.predict = predict
+        self.integrates = _integrates(predict)
+        self.solver_type = solver_type
+        self.rule = _rule(solver_type)
+        if split not in ("fast", "fixed"):
+            raise ValueError(f"split must be 'fast' or 'fixed', got {split!r}.")
+        self.split = split
+        if orders is not None:
+            orders = tuple(int(_check_order("orders", int(o), (1, 2, 3))) for o in orders)
+        self.orders = orders
+
+    @property
+    def order(self) -> int:
+        if self.orders is not None:
+            return min(self.orders)
+        return min(self._order, 2) if self.split == "fast" else self._order
+
+    def block_orders(self, steps: int) -> list[int]:
+        if self.orders is not None:
+            if sum(self.orders) != steps:
+                raise ValueError(f"orders {self.orders} sum to {sum(self.orders)} but the grid has {steps} steps.")
+            return list(self.orders)
+        return (fast_orders if self.split == "fast" else fixed_orders)(self._order, steps)
+
+    def _stages(self, steps):
+        stages, start = [], 0
+        for k in self.block_orders(steps):
+            for q in range(k):
+                last = q == k - 1
+                stages.append((start, tuple(range(start, start + q + 1)), self.rule if last else Rule.TAYLOR, last))
+            start += k
+        return stages
+
+    def __repr__(self):
+        return (f"DPMSolverSinglestep(order={self._order}, predict={self.predict!r}, "
+                f"solver_type={self.solver_type!r}, split={self.split!r}, orders={self.orders})")
+
+
+class SDEDPMSolverPP(FixedGridSolver):
+    """SDE-DPM-Solver++ (Lu et al. 2022b, Sec. 5), order 1 or 2 (multistep '2M'), one evaluation per step.
+
+    Integrates x0 with the linear part ``(sigma_t/sigma_s) e^{-eta h}``, weights in ``H = (1 + eta) h`` and
+    fresh Gaussian noise ``sigma_t sqrt(1 - e^{-2 eta h}) z`` per step; ``eta = 1`` is the reverse SDE (diffusers'
+    ``sde-dpmsolver++``), ``eta = 0`` reproduces DPM-Solver++ exactly. Noise comes from the ``generator``
+    given to ``sample``. Strong order with eta > 0 is 1/2 (weak order follows ``order``).
+    """
+
+    integrates = "x0"
+
+    def __init__(self, order: int = 2, eta: float = 1.0, solver_type: str = "dpmsolver",
+                 lower_order_final: bool = False):
+        self._order = _check_order(type(self).__name__, order, (1, 2))
+        if not (eta >= 0):
+            raise ValueError(f"eta must be >= 0, got {eta!r}.")
+        self.eta = float(eta)
+        self.solver_type = solver_type
+        self.rule = _rule(solver_type)
+        self.lower_order_final = bool(lower_order_final)
+
+    @property
+    def order(self) -> int:
+        return self._order
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
+
+    def _form(self) -> Form:
+        return Form(data=True, eta=self.eta)
+
+    def _stages(self, steps):
+        orders = warmup_orders(self._order, steps, self.lower_order_final)
+        return [(i, tuple(range(i, i - orders[i], -1)), self.rule, True) for i in range(steps)]
+
+    def __repr__(self):
+        return f"SDEDPMSolverPP(order={self._order}, eta={self.eta}, solver_type={self.solver_type!r})"
