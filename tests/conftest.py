@@ -1,0 +1,44 @@
+"""Shared fixtures: float64 by default, seeded generators, the analytic problems."""
+
+import pytest
+import torch
+
+import dpmsolve as dp
+from dpmsolve.lab import GaussianData, GaussianMixture
+
+SCHEDULES = {
+    "discrete": lambda: dp.DiscreteVP.linear(),
+    "linear": lambda: dp.LinearVP(),
+    "cosine": lambda: dp.CosineVP(),
+    "edm": lambda: dp.EDM(),
+    "flow": lambda: dp.RectifiedFlow(),
+}
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(params=sorted(SCHEDULES))
+def schedule(request):
+    return SCHEDULES[request.param]()
+
+
+@pytest.fixture
+def gaussian():
+    """Gaussian data with mean != 0 and unequal variances != 1, so no solver is accidentally exact."""
+    return GaussianData([0.5, -0.3, 0.1, 0.8], [0.09, 0.5, 1.3, 0.02])
+
+
+@pytest.fixture
+def mixture():
+    return GaussianMixture.random(k=3, dim=2, seed=0)
