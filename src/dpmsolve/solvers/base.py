@@ -61,11 +61,11 @@ class Solver(ABC):
         return steps
 
     def step_completed(self, before, after) -> bool:
-        """Whether ``tell`` moved the solution to a new grid point (for callbacks and intermediates)."""
+        """Whether ``tell`` reached a new grid time (for callbacks and intermediates)."""
         return after.i != before.i
 
     def current(self, state) -> tuple[torch.Tensor, float]:
-        """(x, t): the latest completed solution and its time."""
+        """(x, t): the latest estimate of the solution and its time."""
         return state.x, state.t
 
 
@@ -166,8 +166,9 @@ class FixedGridSolver(Solver):
             return replace(state, x=x_new, x_eval=x_new, i=state.i + 1, anchor_index=state.i + 1, history=history)
         return replace(state, x_eval=x_new, i=state.i + 1, history=history)
 
-    def step_completed(self, before: State, after: State) -> bool:
-        return after.anchor_index != before.anchor_index
+    def current(self, state: State):
+        # The latest estimate at a grid time: the solution, or a singlestep block's intermediate point.
+        return state.x_eval, state.nodes[state.i].t
 
     def done(self, state: State) -> bool:
         return state.i >= state.steps
