@@ -8,6 +8,7 @@ uniform in lambda (the reference DPM-Solver's recommendation for small images), 
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import numpy as np
@@ -87,6 +88,11 @@ def make_grid(schedule: Schedule, steps: int, kind: str = "logSNR", t_start: flo
     if kind not in GRIDS:
         raise ValueError(f"Unknown grid {kind!r}; valid names are: {', '.join(GRIDS)} "
                          "(or pass an explicit array of times).")
+    allowed = list(inspect.signature(GRIDS[kind]).parameters)[4:]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"Grid {kind!r} has no option(s) {', '.join(unknown)}; its options are: "
+                         f"{', '.join(allowed) or 'none'}.")
     t_start = schedule.t_max if t_start is None else float(t_start)
     t_end = schedule.t_min if t_end is None else float(t_end)
     check_grid(schedule, [t_start, t_end], name="[t_start, t_end]")

@@ -107,14 +107,15 @@ def _check_name(kind: str, name: str, valid) -> None:
 
 
 def _time_tensor(value: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), value, dtype=x.dtype, device=x.device)
+    # At least float32: a half-precision time would move the noise level (bf16 rounds train index 776.3 to 776).
+    return torch.full((x.shape[0],), value, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
 
 
 class ModelDenoiser(Denoiser):
     """A network wrapped for a schedule; build it with :func:`wrap_model`."""
 
     def __init__(self, net, schedule: Schedule, prediction: str = "eps", time_input="continuous",
-                 model_kwargs: Mapping[str, Any] | None = None):
+                 model_kwargs: Mapping[str, Any] | None = None, input_dtype: torch.dtype | None = None):
         if not isinstance(schedule, Schedule):
             raise ValueError(f"schedule must be a dpmsolve Schedule, got {type(schedule).__name__}.")
         prediction = _PREDICTION_ALIASES.get(prediction, prediction)
@@ -133,13 +134,26 @@ class ModelDenoiser(Denoiser):
         self.prediction = prediction
         self.time_input = time_input
         self.model_kwargs = dict(model_kwargs or {})
+        self.input_dtype = input_dtype
         self._convert = PREDICTIONS[prediction]
 
     def network_time(self, t: float) -> float:
         return self._time_map(self.schedule, t)
 
+    def _net_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if self.input_dtype is not None:
+            return self.input_dtype
+        if isinstance(self.net, torch.nn.Module):
+            for p in self.net.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+        return x.dtype
+
     def __call__(self, x: torch.Tensor, t: float, **model_kwargs) -> Prediction:
-        out = self.net(x, _time_tensor(self.network_time(t), x), **{**self.model_kwargs, **model_kwargs})
+        # The network sees its own dtype; the conversion to (x0, eps) runs in x's (sample() passes >= float32).
+        net_dtype = self._net_dtype(x)
+        t_net = _time_tensor(self.network_time(t), x).to(torch.promote_types(net_dtype, torch.float32))
+        out = self.net(x.to(net_dtype), t_net, **{**self.model_kwargs, **model_kwargs})
         if not isinstance(out, torch.Tensor):
             out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
         if out.shape != x.shape:
@@ -155,7 +169,8 @@ class ModelDenoiser(Denoiser):
 
 
 def wrap_model(net, schedule: Schedule, prediction: str = "eps", time_input="continuous",
-               model_kwargs: Mapping[str, Any] | None = None) -> ModelDenoiser:
+               model_kwargs: Mapping[str, Any] | None = None, input_dtype: torch.dtype | None = None
+               ) -> ModelDenoiser:
     """Wrap ``net(x, t_net, **model_kwargs)`` as a denoiser for ``schedule``.
 
     Args:
@@ -167,8 +182,12 @@ def wrap_model(net, schedule: Schedule, prediction: str = "eps", time_input="con
             ``N t - 1`` of a DiscreteVP, as the reference DPM-Solver), ``"1000t"``, ``"sigma"`` (VE sigma/alpha),
             ``"c_noise"`` (EDM's ``log(sigma)/4``) or a callable ``t -> value``.
         model_kwargs: extra keyword arguments passed to every network call (class labels, text embeddings).
+        input_dtype: the dtype the network takes (default: its parameters' dtype for an ``nn.Module``, else the
+            dtype of x). The time input goes in at least float32; outputs are converted in x's dtype, which
+            ``sample`` keeps at float32 or wider, so an fp16 network is not asked for fp16 arithmetic near
+            alpha = 0 or sigma = 0.
     """
-    return ModelDenoiser(net, schedule, prediction, time_input, model_kwargs)
+    return ModelDenoiser(net, schedule, prediction, time_input, model_kwargs, input_dtype)
 
 
 class _Wrapper(Denoiser):
@@ -209,7 +228,7 @@ class DynamicThresholding(_X0Correction):
         self.ratio, self.max_value = ratio, max_value
 
     def correct(self, x0):
-        flat = x0.detach().abs().reshape(x0.shape[0], -1).float()
+        flat = x0.detach().abs().reshape(x0.shape[0], -1).to(torch.promote_types(x0.dtype, torch.float32))
         s = torch.quantile(flat, self.ratio, dim=1).clamp_min(self.max_value)
         s = s.to(x0.dtype).reshape((-1,) + (1,) * (x0.dim() - 1))
         return torch.maximum(torch.minimum(x0, s), -s) / s
@@ -257,8 +276,11 @@ class ClassifierFreeGuidance(_Wrapper):
 
     def __call__(self, x, t, **model_kwargs):
         if self.scale == 1.0:
-            return self.inner(x, t, **self.cond, **model_kwargs)
-        both = self.inner(torch.cat([x, x]), t, **self._both, **model_kwargs)
+            return self.inner(x, t, **{**self.cond, **model_kwargs})
+        # Per-call tensors with a batch dimension go to both halves.
+        shared = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == x.shape[0]
+                  else v for k, v in model_kwargs.items()}
+        both = self.inner(torch.cat([x, x]), t, **{**self._both, **shared})
         (x0_u, x0_c), (eps_u, eps_c) = both.x0.chunk(2), both.eps.chunk(2)
         return Prediction(x0_u + self.scale * (x0_c - x0_u), eps_u + self.scale * (eps_c - eps_u))
 

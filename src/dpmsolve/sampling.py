@@ -60,12 +60,16 @@ def _resolve_solver(solver, options: Mapping[str, Any]) -> Solver:
 
 
 def _resolve_grid(denoiser: Denoiser, grid, steps, t_start, t_end, grid_options) -> np.ndarray:
+    if not isinstance(denoiser, Denoiser):
+        raise ValueError("denoiser must be built by dpmsolve.wrap_model (or be a dpmsolve.Denoiser), got "
+                         f"{type(denoiser).__name__}.")
     if isinstance(grid, str):
         return make_grid(denoiser.schedule, 20 if steps is None else steps, grid, t_start, t_end,
                          **(grid_options or {}))
     ts = np.asarray(grid, dtype=np.float64)
     if steps is not None and steps != ts.size - 1:
-        raise ValueError(f"steps={steps} disagrees with the explicit grid of {ts.size} times; pass one of them.")
+        raise ValueError(f"steps={steps} disagrees with the explicit grid of {ts.size} times ({ts.size - 1} "
+                         "steps); pass one of them.")
     if t_start is not None or t_end is not None or grid_options:
         raise ValueError("t_start, t_end and grid_options apply to named grids only; an explicit grid holds "
                          "its own times.")
@@ -96,8 +100,11 @@ def _solve(denoiser: Denoiser, x: torch.Tensor, solver: Solver, ts: np.ndarray, 
 
     def evaluate(x_eval: torch.Tensor, t: float, step: int) -> Prediction:
         nonlocal nfe
-        pred = denoiser(x_eval.to(in_dtype), t, **model_kwargs)
+        pred = denoiser(x_eval, t, **model_kwargs)  # wrap_model casts to the network's own dtype
         nfe += 1
+        if pred.x0.shape != x_eval.shape or pred.eps.shape != x_eval.shape:
+            raise ValueError(f"The denoiser returned predictions of shape {tuple(pred.x0.shape)} / "
+                             f"{tuple(pred.eps.shape)} for x of shape {tuple(x_eval.shape)}; they must have x's shape.")
         pred = Prediction(pred.x0.to(work), pred.eps.to(work))
         if check_finite:
             _check_finite(pred, step, t)

@@ -142,7 +142,7 @@ class GaussianMixture(AnalyticProblem):
         means, var = self.means.to(y), self.vars.to(y) + rho**2
         diff = y[:, None, :] - means[None]
         log_p = -0.5 * ((diff**2) / var + torch.log(2 * math.pi * var)).sum(-1) + torch.log(self.weights.to(y))
-        return torch.softmax(log_p, dim=-1)
+        return torch.exp(log_p - torch.logsumexp(log_p, dim=-1, keepdim=True))  # (faster than softmax on CPU)
 
     def posterior_mean(self, y, rho):
         means, var = self.means.to(y), self.vars.to(y)
