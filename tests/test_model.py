@@ -9,13 +9,7 @@ import torch
 import dpmsolve as dp
 from dpmsolve.lab import GaussianMixture
 
-SCHEDULES = {
-    "discrete": lambda: dp.DiscreteVP.linear(),
-    "linear": lambda: dp.LinearVP(),
-    "cosine": lambda: dp.CosineVP(),
-    "edm": lambda: dp.EDM(),
-    "flow": lambda: dp.RectifiedFlow(),
-}
+from conftest import SCHEDULES
 
 
 def _times(schedule):

@@ -18,7 +18,7 @@ from ..model import Prediction
 from ..schedules import Schedule
 from ._exponential import Form, Node, Rule, combine, step_coefficients
 from .base import Solver
-from .dpm_solver import _check_order, _integrates, _rule
+from .dpm_solver import configure
 
 # Intermediate points (in units of h) of the lower/higher pair: -12 uses r1 = 1/2, -23 uses 1/3 and 2/3.
 _STAGE_RHOS = {2: (0.0, 0.5), 3: (0.0, 1.0 / 3.0, 2.0 / 3.0)}
@@ -58,11 +58,7 @@ class AdaptiveDPMSolver(Solver):
     def __init__(self, order: int = 3, predict: str = "data", solver_type: str = "dpmsolver",
                  rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, theta: float = 0.9,
                  max_trials: int = 10_000):
-        self._order = _check_order(type(self).__name__, order, (2, 3))
-        self.predict = predict
-        self.integrates = _integrates(predict)
-        self.solver_type = solver_type
-        self.rule = _rule(solver_type)
+        configure(self, order, (2, 3), predict, solver_type)
         if not (rtol > 0 and atol > 0):
             raise ValueError(f"Adaptive tolerances must be > 0; got rtol={rtol!r}, atol={atol!r}.")
         if not (h_init > 0 and 0 < theta <= 1):

@@ -29,10 +29,13 @@ def _rule(solver_type: str) -> Rule:
     return Rule(name)
 
 
-def _integrates(predict: str) -> str:
+def configure(solver, order, allowed, predict: str, solver_type: str) -> None:
+    """Validate and set the options every DPM-Solver variant shares."""
+    solver._order = _check_order(type(solver).__name__, order, allowed)
     if predict not in _INTEGRATES:
         raise ValueError(f"predict must be 'data' (DPM-Solver++) or 'noise' (DPM-Solver), got {predict!r}.")
-    return _INTEGRATES[predict]
+    solver.predict, solver.integrates = predict, _INTEGRATES[predict]
+    solver.solver_type, solver.rule = solver_type, _rule(solver_type)
 
 
 class DDIM(FixedGridSolver):
@@ -96,11 +99,7 @@ class DPMSolverMultistep(FixedGridSolver):
 
     def __init__(self, order: int = 2, predict: str = "data", solver_type: str = "dpmsolver",
                  lower_order_final: bool = False, warmup: str = "singlestep"):
-        self._order = _check_order(type(self).__name__, order, (1, 2, 3))
-        self.predict = predict
-        self.integrates = _integrates(predict)
-        self.solver_type = solver_type
-        self.rule = _rule(solver_type)
+        configure(self, order, (1, 2, 3), predict, solver_type)
         if warmup not in ("singlestep", "lower_order"):
             raise ValueError(f"warmup must be 'singlestep' or 'lower_order', got {warmup!r}.")
         self.warmup = warmup
@@ -143,7 +142,14 @@ def fast_orders(order: int, steps: int) -> list[int]:
 
 
 def fixed_orders(order: int, steps: int) -> list[int]:
-    """``order`` for every block, with the remainder as one lower-order block at the end."""
+    """``order`` for every block, with the remainder as one lower-order block at the end.
+
+    For order 3 a remainder of 1 is spent as two order-2 blocks (3 + 1 = 2 + 2): a final order-1 block (one
+    DDIM step, local error O(h^2)) would cap the global order at 2, while a bounded number of order-2 blocks
+    (local error O(h^3)) keeps it at 3.
+    """
+    if order == 3 and steps > 3 and steps % 3 == 1:
+        return [3] * (steps // 3 - 1) + [2, 2]
     return [order] * (steps // order) + ([steps % order] if steps % order else [])
 
 
@@ -162,11 +168,7 @@ class DPMSolverSinglestep(FixedGridSolver):
 
     def __init__(self, order: int = 3, predict: str = "data", solver_type: str = "dpmsolver",
                  split: str = "fast", orders: tuple[int, ...] | None = None):
-        self._order = _check_order(type(self).__name__, order, (1, 2, 3))
-        self.predict = predict
-        self.integrates = _integrates(predict)
-        self.solver_type = solver_type
-        self.rule = _rule(solver_type)
+        configure(self, order, (1, 2, 3), predict, solver_type)
         if split not in ("fast", "fixed"):
             raise ValueError(f"split must be 'fast' or 'fixed', got {split!r}.")
         self.split = split
