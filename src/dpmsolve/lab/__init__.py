@@ -6,5 +6,6 @@ from .problems import (
     GaussianData as GaussianData,
     GaussianMixture as GaussianMixture,
     PointMass as PointMass,
+    digits_kde as digits_kde,
     reference_solution as reference_solution,
 )

@@ -19,7 +19,7 @@ from ..model import Denoiser, Prediction
 from ..schedules import Schedule
 
 __all__ = ["AnalyticProblem", "GaussianData", "GaussianMixture", "PointMass", "AnalyticDenoiser",
-           "reference_solution"]
+           "reference_solution", "digits_kde"]
 
 
 class AnalyticProblem(ABC):
@@ -57,9 +57,10 @@ class AnalyticDenoiser(Denoiser):
     def __init__(self, problem: AnalyticProblem, schedule: Schedule):
         self.problem, self.schedule = problem, schedule
 
-    def __call__(self, x, t, **model_kwargs):
+    def __call__(self, x, t, y=None):
         a, s = self.schedule.alpha_sigma(t)
-        x0 = self.problem.posterior_mean(x / a, s / a).to(x.dtype)
+        label = {} if y is None else {"label": y}
+        x0 = self.problem.posterior_mean(x / a, s / a, **label).to(x.dtype)
         return Prediction(x0, (x - a * x0) / s)
 
 
@@ -119,58 +120,84 @@ class PointMass(AnalyticProblem):
 
 @dataclass
 class GaussianMixture(AnalyticProblem):
-    """Mixture of diagonal Gaussians: ``means`` (K, D), ``vars`` (K, D), ``weights`` (K,)."""
+    """Mixture of diagonal Gaussians: ``means`` (K, D), ``vars`` (K, D), ``weights`` (K,).
+
+    Optional integer ``labels`` (K,) make it class-conditional: ``posterior_mean(y, rho, label)`` restricts the
+    mixture to the components of each sample's label (label -1: the whole mixture), which is what a
+    class-conditional network with label dropout learns; the denoiser takes it as the model keyword ``y``.
+    """
 
     means: torch.Tensor
     vars: torch.Tensor
     weights: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     def __post_init__(self):
         self.means, self.vars = _as_tensor(self.means), _as_tensor(self.vars)
         k = self.means.shape[0]
         w = torch.full((k,), 1.0 / k, dtype=torch.float64) if self.weights is None else _as_tensor(self.weights)
         self.weights = w / w.sum()
+        if self.labels is not None:
+            self.labels = torch.as_tensor(np.asarray(self.labels), dtype=torch.long).reshape(k)
         self.dim = self.means.shape[1]
 
     @classmethod
-    def random(cls, k: int = 4, dim: int = 2, seed: int = 0, spread: float = 1.0) -> GaussianMixture:
+    def random(cls, k: int = 4, dim: int = 2, seed: int = 0, spread: float = 1.0, classes: int = 0
+               ) -> GaussianMixture:
         g = np.random.default_rng(seed)
-        return cls(spread * g.normal(size=(k, dim)), (0.05 + 0.3 * g.random((k, dim))) ** 2, 0.5 + g.random(k))
+        labels = np.arange(k) % classes if classes else None
+        return cls(spread * g.normal(size=(k, dim)), (0.05 + 0.3 * g.random((k, dim))) ** 2, 0.5 + g.random(k),
+                   labels)
 
-    def component_posteriors(self, y, rho):
+    def component_log_posteriors(self, y, rho, label=None):
+        """log p(k | y) under y = x0 + rho eps, shape (batch, K); restricted to ``label`` where given."""
+        inv = 1.0 / (self.vars.to(y) + rho**2)                      # (K, D)
+        means = self.means.to(y)
+        # -1/2 sum_d (y_d - mu_kd)^2 / v_kd, expanded into matmuls (no (batch, K, D) tensor).
+        quad = (y * y) @ inv.T - 2.0 * y @ (means * inv).T + (means * means * inv).sum(1)
+        log_p = -0.5 * (quad - torch.log(inv).sum(1) + self.dim * math.log(2 * math.pi))
+        log_p = log_p + torch.log(self.weights.to(y))
+        if label is not None:
+            if self.labels is None:
+                raise ValueError("This mixture has no class labels; build it with labels=... for guidance.")
+            label = torch.as_tensor(label, device=y.device).reshape(-1, 1)
+            keep = (self.labels.to(y.device)[None] == label) | (label < 0)
+            log_p = log_p.masked_fill(~keep, -math.inf)
+        return log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+
+    def component_posteriors(self, y, rho, label=None):
         """p(k | y) under y = x0 + rho eps, shape (batch, K)."""
-        means, var = self.means.to(y), self.vars.to(y) + rho**2
-        diff = y[:, None, :] - means[None]
-        log_p = -0.5 * ((diff**2) / var + torch.log(2 * math.pi * var)).sum(-1) + torch.log(self.weights.to(y))
-        return torch.exp(log_p - torch.logsumexp(log_p, dim=-1, keepdim=True))  # (faster than softmax on CPU)
+        return torch.exp(self.component_log_posteriors(y, rho, label))
 
-    def posterior_mean(self, y, rho):
-        means, var = self.means.to(y), self.vars.to(y)
-        w = self.component_posteriors(y, rho)
-        per_k = means[None] + (var / (var + rho**2))[None] * (y[:, None, :] - means[None])
-        return (w[..., None] * per_k).sum(1)
+    def posterior_mean(self, y, rho, label=None):
+        var = self.vars.to(y)
+        shrink = var / (var + rho**2)                                # (K, D)
+        w = self.component_posteriors(y, rho, label)                 # (B, K)
+        return w @ (self.means.to(y) * (1.0 - shrink)) + y * (w @ shrink)
 
-    def data_sample(self, n, generator=None, dtype=torch.float64):
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+    def data_sample(self, n, generator=None, dtype=torch.float64, label=None):
+        weights = self.weights
+        if label is not None:
+            weights = weights * (self.labels == int(label))
+        k = torch.multinomial(weights, n, replacement=True, generator=generator)
         z = torch.randn((n, self.dim), generator=generator, dtype=dtype)
         return self.means.to(dtype)[k] + self.vars.to(dtype)[k].sqrt() * z
 
 
+def digits_kde(bandwidth: float = 0.1, classes: bool = True) -> GaussianMixture:
+    """Kernel-density model of scikit-learn's bundled 8x8 digits (1797 images scaled to [-1, 1], 64 dims):
+    an equal-weight isotropic Gaussian of std ``bandwidth`` at every image, labelled by its digit."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    data = digits.data / 8.0 - 1.0
+    return GaussianMixture(data, np.full_like(data, bandwidth**2), None, digits.target if classes else None)
+
+
 def reference_solution(problem: AnalyticProblem, schedule: Schedule, x: torch.Tensor, t_start: float,
-                       t_end: float, rtol: float = 1e-10, atol: float = 1e-12) -> torch.Tensor:
-    """Integrate ``dy/dlambda = E[x0 | y] - y`` with scipy DOP853 (float64) from t_start to t_end."""
-    from scipy.integrate import solve_ivp
+                       t_end: float | None, rtol: float = 1e-10, atol: float = 1e-12) -> torch.Tensor:
+    """Tight DOP853 solution of the problem's probability-flow ODE from (x, t_start) to t_end
+    (None: the data end, sigma = 0)."""
+    from .reference import reference_between
 
-    a0, a1 = schedule.alpha(t_start), schedule.alpha(t_end)
-    lam0, lam1 = schedule.log_snr(t_start), schedule.log_snr(t_end)
-    shape = x.shape
-    y0 = (x.detach().to(torch.float64) / a0).reshape(shape[0], -1)
-
-    def rhs(lam, y_flat):
-        y = torch.from_numpy(y_flat).reshape(y0.shape)
-        return (problem.posterior_mean(y, math.exp(-lam)) - y).reshape(-1).numpy()
-
-    sol = solve_ivp(rhs, (lam0, lam1), y0.reshape(-1).numpy(), method="DOP853", rtol=rtol, atol=atol)
-    if not sol.success:
-        raise RuntimeError(f"reference solve failed: {sol.message}")
-    return (a1 * torch.from_numpy(sol.y[:, -1])).reshape(shape).to(x.dtype)
+    return reference_between(problem.posterior_mean, schedule, x, t_start, t_end, rtol=rtol, atol=atol)

@@ -1,0 +1,272 @@
+"""Error against the exact ODE solution for a given number of model evaluations, for any model.
+
+``evaluate`` runs solver configurations (ours, and peers from diffusers / k-diffusion) on one denoiser from
+the same start noise to the same endpoint and reports RMSE and MSE in data space with the NFE really used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..model import ClassifierFreeGuidance, Denoiser
+from ..sampling import sample
+from ..schedules import DiscreteVP, Schedule
+from .problems import AnalyticProblem, GaussianData, GaussianMixture, digits_kde
+from .reference import X0Fn, cached, reference_between
+
+__all__ = ["SolverConfig", "LabProblem", "Row", "Report", "evaluate", "standard_problems", "high_accuracy_reference",
+           "DEFAULT_CONFIGS", "LAB_NFES"]
+
+LAB_NFES = (5, 6, 8, 10, 12, 15, 20)
+ENDPOINTS = ("zero", "t_min")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """One of our solver configurations: a registry name, its options and a grid.
+
+    At endpoint ``'zero'`` (sigma = 0) it runs ``nfe - 1`` steps to t_min and spends the last evaluation on the
+    x0 prediction there (``denoise_to_zero``), which is the first-order data-prediction step to sigma = 0; at
+    ``'t_min'`` it runs ``nfe`` steps.
+    """
+
+    label: str
+    solver: str
+    options: dict = field(default_factory=dict)
+    grid: str = "logSNR"
+    grid_options: dict = field(default_factory=dict)
+
+    def run(self, denoiser: Denoiser, x_T: torch.Tensor, nfe: int, endpoint: str):
+        to_zero = endpoint == "zero"
+        return sample(denoiser, x_T, self.solver, steps=nfe - 1 if to_zero else nfe, grid=self.grid,
+                      grid_options=self.grid_options or None, denoise_to_zero=to_zero, progress=False,
+                      **self.options)
+
+
+# What the lab compares by default: the solvers users pick, on the grids the README recommends.
+DEFAULT_CONFIGS = (
+    SolverConfig("dpmsolve DDIM", "ddim", grid="time_uniform"),
+    SolverConfig("dpmsolve DPM-Solver++ 2M", "dpmsolver++", {"order": 2}),
+    SolverConfig("dpmsolve DPM-Solver++ 2M karras", "dpmsolver++", {"order": 2}, grid="karras"),
+    SolverConfig("dpmsolve DPM-Solver++ 3M", "dpmsolver++", {"order": 3, "solver_type": "taylor"}),
+    SolverConfig("dpmsolve DPM-Solver++ 3M lof", "dpmsolver++",
+                 {"order": 3, "solver_type": "taylor", "lower_order_final": True}),
+    SolverConfig("dpmsolve DPM-Solver++ 3S", "dpmsolver++", {"order": 3, "method": "singlestep"}),
+    SolverConfig("dpmsolve DPM-Solver 3S", "dpmsolver", {"order": 3, "method": "singlestep"}),
+)
+
+
+@dataclass
+class LabProblem:
+    """A model to measure: denoiser (with any guidance), start noise, and a way to get the exact solution.
+
+    ``x0_fn`` is the exact VE denoiser ``(y, rho) -> x0`` of the (guided) model for every rho, when known: the
+    reference is then a DOP853 solve to the data end. Without it the reference is a high-accuracy solve by
+    our adaptive DPM-Solver-23 (see ``high_accuracy_reference``).
+    """
+
+    name: str
+    denoiser: Denoiser
+    x_T: torch.Tensor
+    key: str
+    x0_fn: X0Fn | None = None
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.denoiser.schedule
+
+    def reference(self, endpoint: str = "zero") -> torch.Tensor:
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}.")
+        s = self.schedule
+        t_end = None if endpoint == "zero" else s.t_min
+        if self.x0_fn is None:
+            compute = lambda: high_accuracy_reference(self.denoiser, self.x_T, endpoint)[0]  # noqa: E731
+        else:
+            compute = lambda: reference_between(self.x0_fn, s, self.x_T, s.t_max, t_end)  # noqa: E731
+        return cached(f"v1|{self.key}|{s.fingerprint()}|{endpoint}|{tuple(self.x_T.shape)}", compute)
+
+
+def high_accuracy_reference(denoiser: Denoiser, x_T: torch.Tensor, endpoint: str = "zero",
+                            rtol: float = 1e-6) -> tuple[torch.Tensor, float]:
+    """Adaptive DPM-Solver-23 at ``rtol`` (atol = rtol / 10), checked against a run at rtol / 10: returns the
+    finer solution and the RMS difference of the two (an estimate of the reference's own error)."""
+    runs = [sample(denoiser, x_T, "dpmsolver++", method="adaptive", order=3, rtol=tol, atol=tol / 10,
+                   denoise_to_zero=endpoint == "zero", progress=False).x.to(torch.float64) for tol in (rtol, rtol / 10)]
+    return runs[1], float(torch.sqrt(((runs[0] - runs[1]) ** 2).mean()))
+
+
+def _guided(problem: GaussianMixture, labels: torch.Tensor, scale: float):
+    """CFG denoiser and the exact guided x0 function of a labelled mixture."""
+    uncond = torch.full_like(labels, -1)
+
+    def x0_fn(y, rho):
+        u, c = problem.posterior_mean(y, rho, uncond), problem.posterior_mean(y, rho, labels)
+        return u + scale * (c - u)
+
+    return x0_fn, uncond
+
+
+def standard_problems(n: int = 64, seed: int = 0, schedule: Schedule | None = None,
+                      names: Sequence[str] | None = None) -> list[LabProblem]:
+    """The lab's analytic problems under the DDPM linear schedule (diffusers' peers need a DiscreteVP):
+
+    - ``gaussian``: 16-dim Gaussian with unequal variances;
+    - ``mixture-cfg7.5``: class-labelled 8-dim mixture of 12 components (4 classes) with classifier-free
+      guidance at scale 7.5;
+    - ``digits-kde``: kernel-density model of scikit-learn's digits (64 dims, bandwidth 0.1).
+    """
+    schedule = schedule or DiscreteVP.linear()
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    builders: dict[str, Callable[[], LabProblem]] = {}
+
+    def gaussian():
+        problem = GaussianData(rng.normal(size=16) * 0.5, (0.1 + rng.random(16)) ** 2)
+        x_T = torch.randn((n, 16), generator=g, dtype=torch.float64)
+        return LabProblem("gaussian", problem.denoiser(schedule), x_T, f"gaussian|{seed}|{n}", problem.posterior_mean)
+
+    def mixture_cfg():
+        problem = GaussianMixture.random(k=12, dim=8, seed=seed, classes=4)
+        labels = torch.arange(n) % 4
+        x0_fn, uncond = _guided(problem, labels, 7.5)
+        den = ClassifierFreeGuidance(problem.denoiser(schedule), 7.5, cond={"y": labels}, uncond={"y": uncond})
+        x_T = torch.randn((n, 8), generator=g, dtype=torch.float64)
+        return LabProblem("mixture-cfg7.5", den, x_T, f"mixture-cfg7.5|{seed}|{n}", x0_fn)
+
+    def digits():
+        problem = digits_kde(0.1, classes=False)
+        x_T = torch.randn((n, 64), generator=g, dtype=torch.float64)
+        return LabProblem("digits-kde", problem.denoiser(schedule), x_T, f"digits-kde|0.1|{seed}|{n}",
+                          problem.posterior_mean)
+
+    builders = {"gaussian": gaussian, "mixture-cfg7.5": mixture_cfg, "digits-kde": digits}
+    names = list(builders) if names is None else list(names)
+    unknown = sorted(set(names) - set(builders))
+    if unknown:
+        raise ValueError(f"Unknown lab problem(s) {unknown}; valid: {', '.join(builders)}.")
+    return [builders[name]() for name in names]
+
+
+@dataclass
+class Row:
+    problem: str
+    label: str
+    source: str            # 'dpmsolve', 'diffusers' or 'k-diffusion'
+    nfe: int               # the budget asked for
+    nfe_used: int          # model evaluations really made
+    rmse: float | None     # root mean square error per coordinate, data space
+    mse: float | None
+    error: str | None = None   # why the run failed, if it did
+
+
+@dataclass
+class Report:
+    rows: list[Row]
+    endpoint: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        return list(dict.fromkeys(r.problem for r in self.rows))
+
+    def best(self, problem: str, nfe: int, source: str | None = None, exclude: str | None = None) -> Row | None:
+        rows = [r for r in self.rows if r.problem == problem and r.nfe == nfe and r.rmse is not None
+                and (source is None or r.source == source) and (exclude is None or r.source != exclude)]
+        return min(rows, key=lambda r: r.rmse, default=None)
+
+    def to_markdown(self, problem: str) -> str:
+        rows = [r for r in self.rows if r.problem == problem]
+        nfes = sorted({r.nfe for r in rows})
+        labels = list(dict.fromkeys(r.label for r in rows))
+        cell = {(r.label, r.nfe): r for r in rows}
+        out = [f"| {problem} (RMSE) | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|" + "---:|" * len(nfes)]
+        best = {k: min((r.rmse for r in rows if r.nfe == k and r.rmse is not None), default=None) for k in nfes}
+        for label in labels:
+            cells = []
+            for k in nfes:
+                r = cell.get((label, k))
+                if r is None:
+                    cells.append("")
+                elif r.rmse is None:
+                    cells.append("failed")
+                else:
+                    text = f"{r.rmse:.2e}" + ("" if r.nfe_used == r.nfe else f" ({r.nfe_used})")
+                    cells.append(f"**{text}**" if r.rmse == best[k] else text)
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        failures = sorted({(r.label, r.error) for r in rows if r.error})
+        out += [f"\n- {label} failed: `{err}`" for label, err in failures]
+        return "\n".join(out)
+
+    def to_json(self) -> str:
+        return json.dumps({"endpoint": self.endpoint, "meta": self.meta, "rows": [asdict(r) for r in self.rows]},
+                          indent=1)
+
+    def plot(self, path: Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        problems = self.problems()
+        fig, axes = plt.subplots(1, len(problems), figsize=(5.2 * len(problems), 4.6), squeeze=False)
+        for ax, problem in zip(axes[0], problems):
+            rows = [r for r in self.rows if r.problem == problem and r.rmse is not None]
+            for label in dict.fromkeys(r.label for r in rows):
+                pts = sorted((r.nfe_used, r.rmse) for r in rows if r.label == label)
+                style = "-o" if label.startswith("dpmsolve") else "--x"
+                ax.loglog(*zip(*pts), style, ms=3, lw=1.2 if label.startswith("dpmsolve") else 0.8, label=label)
+            ax.set_title(f"{problem} (endpoint {self.endpoint})", fontsize=9)
+            ax.set_xlabel("NFE")
+            ax.set_ylabel("RMSE vs exact ODE solution")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+
+def _errors(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    mse = float(((x.to(torch.float64) - ref.to(torch.float64)) ** 2).mean())
+    return math.sqrt(mse), mse
+
+
+def evaluate(denoiser: Denoiser, x_T: torch.Tensor, configs: Sequence[SolverConfig] = DEFAULT_CONFIGS,
+             nfes: Sequence[int] = LAB_NFES, *, reference: torch.Tensor | None = None, endpoint: str = "zero",
+             peers: Sequence[str] = (), problem: str = "model", progress: bool | None = None) -> Report:
+    """Run each configuration (and each named peer) at each NFE from ``x_T`` and measure it against the
+    reference (default: ``high_accuracy_reference``). Failures are recorded as rows with their error."""
+    if endpoint not in ENDPOINTS:
+        raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}.")
+    meta: dict[str, Any] = {}
+    if reference is None:
+        reference, meta["reference_rmse_estimate"] = high_accuracy_reference(denoiser, x_T, endpoint)
+    jobs = [(c, k) for c in configs for k in nfes] + [(p, k) for p in peers for k in nfes]
+    from tqdm.auto import tqdm
+
+    rows = []
+    for job, nfe in tqdm(jobs, desc=f"lab {problem}", disable=None if progress is None else not progress,
+                         leave=False):
+        if isinstance(job, SolverConfig):
+            try:
+                result = job.run(denoiser, x_T, nfe, endpoint)
+            except Exception as exc:  # a failing configuration is a finding, not a crash
+                rows.append(Row(problem, job.label, "dpmsolve", nfe, 0, None, None, f"{type(exc).__name__}: {exc}"))
+                continue
+            rows.append(Row(problem, job.label, "dpmsolve", nfe, result.nfe, *_errors(result.x, reference)))
+        else:
+            from .peers import run_peer
+
+            res = run_peer(job, denoiser, x_T, nfe, endpoint=endpoint)
+            errs = _errors(res.x, reference) if res.x is not None else (None, None)
+            rows.append(Row(problem, job, job.split(":")[0], nfe, res.nfe, *errs, res.error))
+    return Report(rows, endpoint, meta)
