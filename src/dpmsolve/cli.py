@@ -13,7 +13,25 @@ def main(argv=None) -> int:
     demo.add_argument("--out", default="dpmsolve-demo", help="folder for the PNG (default: ./dpmsolve-demo)")
     demo.add_argument("--samples", type=int, default=1000, help="number of samples (default 1000)")
     demo.add_argument("--no-plot", action="store_true", help="print the table only")
+    bench = commands.add_parser("bench", help="error vs NFE of our solvers and the peers on the lab's problems")
+    bench.add_argument("--problems", nargs="+", default=None,
+                       help="gaussian, mixture-cfg7.5, digits-kde (default: all)")
+    bench.add_argument("--nfes", nargs="+", type=int, default=[5, 6, 8, 10, 12, 15, 20])
+    bench.add_argument("--samples", type=int, default=64, help="start noises per problem (default 64)")
+    bench.add_argument("--endpoint", choices=["zero", "t_min"], default="zero",
+                       help="compare at sigma = 0 (default) or at the schedule's t_min")
+    bench.add_argument("--no-peers", action="store_true", help="only our solvers (skip diffusers / k-diffusion)")
+    bench.add_argument("--out", default="dpmsolve-bench", help="folder for accuracy.md/.json/.png")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from .lab.bench import run_bench
+
+        if args.samples < 1 or min(args.nfes) < 2:
+            parser.error("--samples must be >= 1 and every NFE >= 2")
+        report = run_bench(args.problems, args.nfes, args.samples, args.endpoint, not args.no_peers, args.out)
+        for problem in report.problems():
+            print(report.to_markdown(problem) + "\n")
+        print(f"Wrote {args.out}/accuracy.md, accuracy.json and accuracy.png")
     if args.command == "demo":
         from .demo import main as demo_main
 
