@@ -10,3 +10,5 @@ fi
 # The CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# k-diffusion is a peer in the lab and the tests; its own dependencies (torchvision, ...) are not needed there.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "k-diffusion==0.1.1.post1"
