@@ -154,17 +154,26 @@ class FixedGridSolver(Solver):
         return state.x_eval, state.nodes[state.i].t
 
     def tell(self, state: State, pred: Prediction) -> State:
-        stage = state.stages[state.i]
-        history = ((state.i, self._form().pick(pred)),) + state.history
+        # The per-step hot path of every fixed-grid solver: no host-device sync, one allocation for the update
+        # (``combine`` works in place on its fresh output) and as little Python as the bookkeeping allows.
+        i = state.i
+        stage = state.stages[i]
+        history = ((i, self._form().pick(pred)),) + state.history
         by_index = dict(history)
         x_new = combine(stage.a, state.x, stage.coeffs, [by_index[j] for j in stage.points])
         if stage.noise_std:
             z = torch.randn(x_new.shape, generator=state.generator, device=x_new.device, dtype=x_new.dtype)
-            x_new = x_new + stage.noise_std * z
-        history = tuple(item for item in history if item[0] >= stage.keep_from)
+            x_new.add_(z.mul_(stage.noise_std))  # = x_new + noise_std * z (same kernels), both tensors fresh
+        keep_from = stage.keep_from
+        if history[-1][0] < keep_from:  # newest first: what is kept is a prefix
+            history = tuple(item for item in history if item[0] >= keep_from)
         if stage.completes:
-            return replace(state, x=x_new, x_eval=x_new, i=state.i + 1, anchor_index=state.i + 1, history=history)
-        return replace(state, x_eval=x_new, i=state.i + 1, history=history)
+            x, anchor = x_new, i + 1
+        else:
+            x, anchor = state.x, state.anchor_index
+        if type(state) is State:  # direct construction: ~1 us per step cheaper than dataclasses.replace
+            return State(x, x_new, i + 1, anchor, state.nodes, state.stages, history, state.generator)
+        return replace(state, x=x, x_eval=x_new, i=i + 1, anchor_index=anchor, history=history)
 
     def current(self, state: State):
         # The latest estimate at a grid time: the solution, or a singlestep block's intermediate point.

@@ -1,0 +1,49 @@
+"""Regenerate the accuracy tables and plot shown in the README ("How accurate is it?").
+
+    python benchmarks/accuracy.py            # all lab problems, NFE 5..20, ours and the peers (~5 min on 2 CPU cores)
+
+Writes benchmarks/results/accuracy.md (full tables), accuracy.json, accuracy.png and summary.md (best of ours
+vs best peer per NFE). References are cached in $DPMSOLVE_CACHE (default ~/.cache/dpmsolve).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dpmsolve.lab.bench import run_bench
+from dpmsolve.lab.evaluate import LAB_NFES
+
+
+def summary(report) -> str:
+    """Per problem and NFE: our best configuration against the best peer, with their names."""
+    lines = []
+    for problem in report.problems():
+        lines += [f"| {problem} | " + " | ".join(f"NFE {k}" for k in LAB_NFES) + " |", "|---|" + "---:|" * len(LAB_NFES)]
+        ours = [report.best(problem, k, source="dpmsolve") for k in LAB_NFES]
+        peers = [report.best(problem, k, exclude="dpmsolve") for k in LAB_NFES]
+        lines.append("| best dpmsolve | " + " | ".join(f"{r.rmse:.3f}" for r in ours) + " |")
+        lines.append("| best peer | " + " | ".join(f"{r.rmse:.3f}" for r in peers) + " |")
+        lines.append("| ratio | " + " | ".join(f"{a.rmse / b.rmse:.2f}" for a, b in zip(ours, peers)) + " |")
+        lines.append("")
+        for name, rows in (("dpmsolve", ours), ("peer", peers)):
+            winners = ", ".join(f"{k}: {r.label}" for k, r in zip(LAB_NFES, rows))
+            lines.append(f"- best {name} per NFE ({problem}): {winners}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--samples", type=int, default=64)
+    args = parser.parse_args()
+    report = run_bench(samples=args.samples, out=args.out)
+    text = summary(report)
+    (Path(args.out) / "summary.md").write_text(text + "\n")
+    print(text)
+    print(f"Wrote {args.out}/accuracy.md, accuracy.json, accuracy.png and summary.md")
+
+
+if __name__ == "__main__":
+    main()
