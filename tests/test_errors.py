@@ -83,14 +83,14 @@ def test_increasing_grid_says_to_reverse_or_invert(den, x):
         dp.sample(den, x, grid=[0.1, 0.5, 1.0])
 
 
-@pytest.mark.parametrize("grid", [[1.5, 0.5, 0.1], [1.0, 0.5, 0.0], [1.0, 0.5, -0.1]],
-                         ids=["above", "zero", "below"])
+@pytest.mark.parametrize("grid", [[1.5, 0.5, 0.1], [1.0, 0.5, 1e-4], [1.0, 0.5, -0.1]],
+                         ids=["above", "below-t_min", "negative"])
 def test_grid_leaves_the_schedule_range(den, x, grid):
     with pytest.raises(ValueError, match=r"leaves the schedule's range \[t_min, t_max\] = \[0.001, 1\]"):
         dp.sample(den, x, grid=grid)
 
 
-@pytest.mark.parametrize("kw", [{"t_start": 2.0}, {"t_end": 0.0}], ids=["t_start", "t_end"])
+@pytest.mark.parametrize("kw", [{"t_start": 2.0}, {"t_end": 1e-4}], ids=["t_start", "t_end"])
 def test_named_grid_endpoints_outside_the_range(den, x, kw):
     with pytest.raises(ValueError, match=r"\[t_start, t_end\] leaves the schedule's range"):
         dp.sample(den, x, **kw)
@@ -318,3 +318,13 @@ def test_errors_are_raised_before_any_model_call(den, x):
         with pytest.raises(ValueError):
             dp.sample(Spy(), x, "dpmsolver++", **kwargs)
     assert calls == []
+
+
+def test_grid_to_zero_with_denoise_to_zero_is_ambiguous(den, x):
+    with pytest.raises(ValueError, match="already ends at sigma = 0"):
+        dp.sample(den, x, t_end=0, denoise_to_zero=True)
+
+
+def test_time_grid_to_zero_with_too_many_steps(den, x):
+    with pytest.raises(ValueError, match="evaluates below t_min"):
+        dp.make_grid(den.schedule, 5000, "time_uniform", t_end=0)

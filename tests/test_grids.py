@@ -216,9 +216,42 @@ def test_make_grid_validation(vp):
     with pytest.raises(ValueError, match="range"):
         dp.make_grid(vp, 10, "logSNR", t_start=2.0)
     with pytest.raises(ValueError, match="range"):
-        dp.make_grid(vp, 10, "logSNR", t_end=0.0)
+        dp.make_grid(vp, 10, "logSNR", t_end=1e-5)
     assert dp.make_grid(vp, np.int64(4), "logSNR").shape == (5,)
 
 
 def test_default_grid_is_log_snr(vp):
     np.testing.assert_array_equal(dp.make_grid(vp, 9), dp.make_grid(vp, 9, "logSNR"))
+
+
+@pytest.mark.parametrize("kind", sorted(dp.GRIDS))
+def test_grid_to_zero_ends_at_sigma_zero(kind):
+    schedule = dp.DiscreteVP.linear()
+    ts = dp.make_grid(schedule, 6, kind, t_end=0)
+    assert ts.size == 7 and ts[-1] == 0.0 and ts[0] == schedule.t_max
+    assert np.all(np.diff(ts) < 0) and np.all(ts[:-1] >= schedule.t_min)
+    if kind == "time_uniform":  # diffusers' default DDPM spacing: evaluations at 1, 5/6, ..., 1/6
+        np.testing.assert_allclose(ts, np.linspace(1, 0, 7), rtol=0, atol=1e-15)
+    if kind in ("logSNR", "karras", "exponential"):  # lambda grids: steps - 1 intervals to t_min, then 0
+        np.testing.assert_allclose(ts[:-1], dp.make_grid(schedule, 5, kind), rtol=1e-14)
+
+
+def test_sampling_to_zero_returns_the_x0_jump():
+    from dpmsolve.lab import GaussianData
+
+    schedule = dp.LinearVP()
+    problem = GaussianData([0.3, -0.2], [0.5, 0.1])
+    den = problem.denoiser(schedule)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    ts = dp.make_grid(schedule, 8, "time_uniform", t_end=0)
+    res = dp.sample(den, x, "dpmsolver++", grid=ts, return_intermediates=True, progress=False)
+    assert res.nfe == 8 and res.ts[-1] == 0.0
+    # the last step is the x0 prediction at the previous grid time (DDIM's step to sigma = 0)
+    torch.testing.assert_close(res.x, den(res.trajectory[-1], ts[-2]).x0, rtol=1e-12, atol=1e-12)
+    # and it converges to the exact data-end solution: y = mean + sqrt(var) z
+    a, s = schedule.alpha_sigma(schedule.t_max)
+    z = (x / a - problem.mean) / torch.sqrt(problem.var + (s / a) ** 2)
+    exact = problem.mean + problem.var.sqrt() * z
+    errs = [float((dp.sample(den, x, "dpmsolver++", steps=n, grid="time_uniform", t_end=0, order=2,
+                             progress=False).x - exact).abs().max()) for n in (10, 40)]
+    assert errs[1] < errs[0] / 4

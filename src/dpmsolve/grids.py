@@ -81,6 +81,8 @@ def make_grid(schedule: Schedule, steps: int, kind: str = "logSNR", t_start: flo
               t_end: float | None = None, **options) -> np.ndarray:
     """``steps + 1`` times from ``t_start`` (default ``t_max``) down to ``t_end`` (default ``t_min``).
 
+    ``t_end=0`` ends the grid at sigma = 0: ``sample`` then spends the last step on the x0 prediction at the
+    previous time (the first-order data-prediction step to sigma = 0), so NFE still equals ``steps``.
     ``kind`` is a name in ``GRIDS``; ``options`` go to the grid (``rho`` for karras, ``shift`` for flow_shift).
     """
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
@@ -94,15 +96,52 @@ def make_grid(schedule: Schedule, steps: int, kind: str = "logSNR", t_start: flo
         raise ValueError(f"Grid {kind!r} has no option(s) {', '.join(unknown)}; its options are: "
                          f"{', '.join(allowed) or 'none'}.")
     t_start = schedule.t_max if t_start is None else float(t_start)
+    if t_end == 0:
+        return _grid_to_zero(schedule, int(steps), kind, t_start, options)
     t_end = schedule.t_min if t_end is None else float(t_end)
     check_grid(schedule, [t_start, t_end], name="[t_start, t_end]")
     ts = _with_exact_ends(GRIDS[kind](schedule, int(steps), t_start, t_end, **options), t_start, t_end)
     return check_grid(schedule, ts, name=f"the {kind!r} grid")
 
 
+# Grids spaced in the schedule's own t can reach t = 0 (sigma = 0) directly.
+_TIME_SPACED = ("time_uniform", "time_quadratic", "flow_shift")
+
+
+def _grid_to_zero(schedule: Schedule, steps: int, kind: str, t_start: float, options) -> np.ndarray:
+    """A grid whose last time is 0 (sigma = 0): the last step is the jump to the x0 prediction.
+
+    Time-spaced grids run their spacing down to t = 0 (diffusers' default grids for DDPM models end this
+    way); lambda-spaced grids cannot reach lambda = inf, so they span ``steps - 1`` intervals down to t_min and
+    then append 0 (k-diffusion's ``append_zero``, diffusers' ``final_sigmas_type="zero"``)."""
+    if kind in _TIME_SPACED:
+        ts = _with_exact_ends(GRIDS[kind](schedule, steps, t_start, 0.0, **options), t_start, 0.0)
+        if steps > 1 and ts[-2] < schedule.t_min * (1 - 1e-9):
+            raise ValueError(f"A {kind!r} grid of {steps} steps down to t = 0 evaluates below t_min = "
+                             f"{schedule.t_min:.6g}; use fewer steps or end at t_min (t_end=None).")
+        ts[:-1] = np.maximum(ts[:-1], schedule.t_min)
+    elif steps == 1:
+        ts = np.array([t_start, 0.0])
+    else:
+        ts = np.append(make_grid(schedule, steps - 1, kind, t_start, None, **options), 0.0)
+    check_grid(schedule, ts, name=f"the {kind!r} grid")
+    return ts
+
+
 def check_grid(schedule: Schedule, ts, increasing: bool = False, name: str = "the time grid") -> np.ndarray:
-    """Validate an explicit grid: at least 2 times, strictly monotone, inside the schedule's range."""
+    """Validate an explicit grid: at least 2 times, strictly monotone, inside the schedule's range.
+
+    A decreasing grid may end at exactly 0 (sigma = 0, see ``make_grid``); its other times must be in range.
+    """
     ts = np.asarray(ts, dtype=np.float64).reshape(-1)
+    if not increasing and ts.size >= 2 and ts[-1] == 0.0 and ts[-2] > 0.0:
+        body = ts[:-1] if ts.size > 2 else ts[:1]
+        if ts.size > 2:
+            check_grid(schedule, body, name=name)
+        elif not schedule.contains(body):
+            raise ValueError(f"{name} starts outside the schedule's range [t_min, t_max] = "
+                             f"[{schedule.t_min:.6g}, {schedule.t_max:.6g}].")
+        return np.append(np.clip(body, schedule.t_min, schedule.t_max), 0.0)
     if ts.size < 2:
         raise ValueError(f"{name} needs at least 2 times (start and end), got {ts.size}.")
     if not np.all(np.isfinite(ts)):

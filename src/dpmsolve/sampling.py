@@ -179,7 +179,9 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver = "dpmsolve
             a Solver object.
         steps: grid intervals (default 20). For every fixed-grid solver NFE = steps (+1 with denoise_to_zero).
         grid: a grid name (``"logSNR"``, ``"time_uniform"``, ``"time_quadratic"``, ``"karras"``, ``"exponential"``,
-            ``"flow_shift"``) or an explicit strictly decreasing array of times inside the schedule's range.
+            ``"flow_shift"``) or an explicit strictly decreasing array of times inside the schedule's range. A grid
+            may end at t = 0 (``t_end=0`` for a named grid): the last step then goes to sigma = 0 by the x0
+            prediction at the previous time, as diffusers' and k-diffusion's grids do; NFE stays ``steps``.
         grid_options: options of a named grid, e.g. ``{"rho": 7}`` for karras, ``{"shift": 3}`` for flow_shift.
         denoise_to_zero: one more evaluation at the end, returning its x0 prediction.
         generator / seed: randomness of stochastic solvers (a seed creates a CPU generator on x's device).
@@ -192,15 +194,24 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver = "dpmsolve
     solver = _resolve_solver(solver, solver_options)
     ts = _resolve_grid(denoiser, grid, steps, t_start, t_end, grid_options)
     ts = check_grid(denoiser.schedule, ts)
+    to_zero = ts[-1] == 0.0   # the last step is the jump to sigma = 0: the x0 prediction at ts[-2]
+    if to_zero:
+        if denoise_to_zero:
+            raise ValueError("The grid already ends at sigma = 0 (t = 0); denoise_to_zero would add a second "
+                             "final evaluation. Use one of them.")
+        ts = ts[:-1]
     if solver.adaptive:
         ts = ts[[0, -1]]
     if generator is None and seed is not None:
         generator = torch.Generator(device=x.device).manual_seed(int(seed))
     if solver.stochastic and generator is None:
         generator = torch.Generator(device=x.device).manual_seed(int(torch.randint(2**62, ()).item()))
-    return _solve(denoiser, x, solver, ts, generator=generator, callback=callback, progress=progress,
-                  return_intermediates=return_intermediates, check_finite=check_finite, model_kwargs=model_kwargs,
-                  denoise_to_zero=denoise_to_zero)
+    solution = _solve(denoiser, x, solver, ts, generator=generator, callback=callback, progress=progress,
+                      return_intermediates=return_intermediates, check_finite=check_finite,
+                      model_kwargs=model_kwargs, denoise_to_zero=denoise_to_zero or to_zero)
+    if to_zero:
+        solution.ts = np.append(solution.ts, 0.0)
+    return solution
 
 
 def invert(denoiser: Denoiser, x0: torch.Tensor, solver: str | Solver = "dpmsolver++", *,
