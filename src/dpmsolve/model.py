@@ -50,12 +50,13 @@ class Denoiser(ABC):
         return t
 
 
+# Conversions use fused ops on fresh tensors (one allocation each): they run once per model evaluation.
 def _x0_eps_from_eps(out, x, a, s):
-    return (x - s * out) / a, out
+    return torch.sub(x, out, alpha=s).div_(a), out
 
 
 def _x0_eps_from_x0(out, x, a, s):
-    return out, (x - a * out) / s
+    return out, torch.sub(x, out, alpha=a).div_(s)
 
 
 def _x0_eps_from_v(out, x, a, s):

@@ -221,10 +221,15 @@ class Report:
         fig, axes = plt.subplots(1, len(problems), figsize=(5.2 * len(problems), 4.6), squeeze=False)
         for ax, problem in zip(axes[0], problems):
             rows = [r for r in self.rows if r.problem == problem and r.rmse is not None]
-            for label in dict.fromkeys(r.label for r in rows):
+            labels = list(dict.fromkeys(r.label for r in rows))
+            ours = [lb for lb in labels if lb.startswith("dpmsolve")]
+            colors = {lb: plt.cm.tab10(i % 10) for i, lb in enumerate(ours)}
+            colors.update({lb: plt.cm.tab20b(i % 20) for i, lb in enumerate(lb for lb in labels if lb not in ours)})
+            for label in labels:
                 pts = sorted((r.nfe_used, r.rmse) for r in rows if r.label == label)
-                style = "-o" if label.startswith("dpmsolve") else "--x"
-                ax.loglog(*zip(*pts), style, ms=3, lw=1.2 if label.startswith("dpmsolve") else 0.8, label=label)
+                mine = label in ours
+                ax.loglog(*zip(*pts), "-o" if mine else "--x", ms=3, lw=1.4 if mine else 0.7, color=colors[label],
+                          alpha=1.0 if mine else 0.6, label=label)
             ax.set_title(f"{problem} (endpoint {self.endpoint})", fontsize=9)
             ax.set_xlabel("NFE")
             ax.set_ylabel("RMSE vs exact ODE solution")
