@@ -34,6 +34,9 @@ REPRESENTATIVE: list[tuple[str, dict]] = [
     ("dpmsolver", {"method": "adaptive", "order": 3}),
     ("sde-dpmsolver++", {"order": 1}),
     ("sde-dpmsolver++", {"order": 2}),
+    *[("unipc", {"order": order}) for order in (1, 2, 3)],
+    ("unipc", {"order": 2, "variant": "bh1", "predict": "noise", "disable_corrector": (1,)}),
+    ("dpmsolver++", {"order": 2, "corrector": "unic"}),
 ]
 CONFIGS = REPRESENTATIVE + [(name, {}) for name in dp.SOLVERS if name not in {n for n, _ in REPRESENTATIVE}]
 
@@ -97,8 +100,8 @@ def test_declared_facts(config):
     assert isinstance(solver.adaptive, bool)
     assert solver.integrates in {"x0", "eps"}
     name, options = config
-    if "order" in options:  # the declared convergence order never exceeds the requested one
-        assert solver.order <= options["order"]
+    if "order" in options:  # the declared convergence order never exceeds the requested one (+1 with a corrector)
+        assert solver.order <= options["order"] + (getattr(solver, "corrector", None) is not None)
     if solver.adaptive:
         assert solver.expected_nfe(10) is None
     else:

@@ -31,6 +31,7 @@ from .solvers import (
     DPMSolverSinglestep as DPMSolverSinglestep,
     SDEDPMSolverPP as SDEDPMSolverPP,
     Solver as Solver,
+    UniPC as UniPC,
     get_solver as get_solver,
 )
 

@@ -63,6 +63,8 @@ DEFAULT_CONFIGS = (
                  {"order": 3, "solver_type": "taylor", "lower_order_final": True}, grid="time_quadratic"),
     SolverConfig("dpmsolve DPM-Solver++ 3S", "dpmsolver++", {"order": 3, "method": "singlestep"}),
     SolverConfig("dpmsolve DPM-Solver 3S", "dpmsolver", {"order": 3, "method": "singlestep"}),
+    SolverConfig("dpmsolve UniPC bh2 (order 2)", "unipc", {"order": 2, "variant": "bh2"}),
+    SolverConfig("dpmsolve UniPC bh2 (order 3)", "unipc", {"order": 3, "variant": "bh2"}),
 )
 
 

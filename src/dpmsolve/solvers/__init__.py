@@ -6,11 +6,12 @@ import inspect
 from typing import Callable
 
 from .adaptive import AdaptiveDPMSolver
-from .base import FixedGridSolver, Solver, Stage, State
+from .base import Correction, FixedGridSolver, Solver, Stage, State
 from .dpm_solver import DDIM, DPMSolverMultistep, DPMSolverSinglestep, SDEDPMSolverPP, fast_orders
+from .unipc import UniPC
 
 __all__ = ["SOLVERS", "get_solver", "Solver", "FixedGridSolver", "State", "Stage", "DDIM", "DPMSolverMultistep",
-           "DPMSolverSinglestep", "SDEDPMSolverPP", "AdaptiveDPMSolver", "fast_orders"]
+           "DPMSolverSinglestep", "SDEDPMSolverPP", "AdaptiveDPMSolver", "UniPC", "Correction", "fast_orders"]
 
 _METHODS = {"multistep": DPMSolverMultistep, "singlestep": DPMSolverSinglestep, "adaptive": AdaptiveDPMSolver}
 
@@ -29,6 +30,7 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "dpmsolver": _dpm_family("noise"),     # DPM-Solver (Lu et al. 2022), noise prediction
     "dpmsolver++": _dpm_family("data"),    # DPM-Solver++ (Lu et al. 2022b), data prediction
     "sde-dpmsolver++": SDEDPMSolverPP,
+    "unipc": UniPC,                        # UniPC (Zhao et al. 2023): UniP predictor + UniC corrector
 }
 
 

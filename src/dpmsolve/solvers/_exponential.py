@@ -1,4 +1,4 @@
-"""Shared maths of the lambda-space exponential integrators (DDIM, DPM-Solver, DPM-Solver++, SDE variants).
+"""Shared maths of the lambda-space exponential integrators (DDIM, DPM-Solver(++), UniPC, SDE variants).
 
 For a step s -> t with h = lambda_t - lambda_s, the probability-flow ODE integrates exactly to
 
@@ -78,10 +78,20 @@ class Rule(enum.Enum):
     ``midpoint``): order 2 weights the first difference by ``W_0 / 2``; singlestep order 3 is DPM-Solver-3
     (Lu et al. 2022, Alg. 2), which uses only the far intermediate point; multistep order 3 is the reference's
     3M update, whose second-difference weight is half of the Taylor one (so it is exact only up to degree 1).
+
+    BH1, BH2 (UniPC, Zhao et al. 2023, Sec. 3.1-3.2): ``x_t = A x_s + W_0 m_s + B~ sum_k a_k D_k`` with
+    ``D_k = (m_k - m_s) / r_k`` (r_k = rho_k, the points' positions) and ``B~`` the weight of ``B(h) = h``
+    (BH1) or ``e^h - 1`` (BH2): ``c_t h`` or ``W_0``. With more than two points the a_k solve the square system
+    ``sum_k a_k r_k^(n-1) = n! W_n / B~`` (n = 1 .. points - 1), which makes ``B~ a_k`` the Taylor weights:
+    B(h) cancels and the update IS the TAYLOR one. With two points (UniP-2, UniC-1) the paper and its
+    reference fix ``a = 1/2`` instead, and B(h) matters: BH2 is then DPMSOLVER's ``W0/2`` rule, BH1 weights
+    the difference by ``c_t h / 2``.
     """
 
     TAYLOR = "taylor"
     DPMSOLVER = "dpmsolver"
+    BH1 = "bh1"
+    BH2 = "bh2"
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,12 @@ class Form:
             a = math.exp(t.log_alpha - s.log_alpha)
             w = [-t.sigma * h * phi(k + 1, h) for k in range(p)]
         return a, np.array(w)
+
+    def exponent(self, s: Node, t: Node) -> float:
+        """The argument z of the phi functions in the weights ``W_k``: -(1 + eta) h (data form), +h (noise
+        form); ``W_0 / phi_1(z)`` is then ``alpha_t (1 + eta) h`` or ``-sigma_t h``."""
+        h = t.lam - s.lam
+        return -(1.0 + self.eta) * h if self.data else h
 
     def noise_std(self, s: Node, t: Node) -> float:
         h = t.lam - s.lam
@@ -144,9 +160,12 @@ def step_coefficients(form: Form, s: Node, t: Node, rhos: Sequence[float], rule:
     a, w = form.linear_and_weights(s, t, p)
     if rule is Rule.TAYLOR or p == 1:
         return a, interpolation_coefficients(rhos, w)
-    if p == 2:  # m0 + (W0/2) (m1 - m0) / rho1
-        half = 0.5 * w[0] / rhos[1]
+    if p == 2:  # m0 + (B~/2) (m1 - m0) / rho1, B~ = W0 (DPMSOLVER, BH2) or W0 / phi_1(z) = c h (BH1)
+        b = w[0] / phi(1, form.exponent(s, t)) if rule is Rule.BH1 else w[0]
+        half = 0.5 * b / rhos[1]
         return a, np.array([w[0] - half, half])
+    if rule is Rule.BH1 or rule is Rule.BH2:  # UniPC's square systems: B(h) cancels, the Taylor update
+        return a, interpolation_coefficients(rhos, w)
     if p == 3 and rhos[1] > 0:  # DPM-Solver-3: W1 (m2 - m0) / rho2
         return a, np.array([w[0] - w[1] / rhos[2], 0.0, w[1] / rhos[2]])
     if p == 3:  # reference multistep 3M: Taylor with half the second-derivative weight

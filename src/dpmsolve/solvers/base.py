@@ -9,6 +9,9 @@ How to add a solver:
      ``_stages(steps)``: for each grid index, which earlier evaluations the update uses and whether it lands on
      the solution (a completed step) or on an intermediate stage point. The coefficients come from
      ``_exponential``; do not write update formulas by hand. Or subclass :class:`Solver` for anything else.
+     Optionally write ``_correctors(stages)`` (default: none) to correct the solution at a grid index when its
+     evaluation arrives, before the step from it (a predict-evaluate-correct corrector such as UniC; see
+     :class:`Correction` and :func:`pec_correctors`).
   2. Declare ``order`` (the convergence order the configuration really has), ``stochastic`` and
      ``integrates`` (``"x0"`` or ``"eps"``).
   3. Register it in ``solvers/__init__.py``; the registry-driven tests then check its order, NFE and protocol.
@@ -69,11 +72,27 @@ class Solver(ABC):
         return state.x, state.t
 
 
+class Correction(NamedTuple):
+    """A corrector applied when the evaluation at grid index ``i`` arrives, before that index's step.
+
+    ``x_i^c = a * x_anchor + sum_j coeffs[j] * m[points[j]]``: the completed step that landed on ``x_i`` (same
+    anchor; ``x_anchor`` is the solution it started from) taken again with the new prediction ``m_i`` among its
+    points. ``m_i`` was evaluated at the uncorrected ``x_i`` and is kept as it is (predict-evaluate-correct:
+    no extra evaluation, as in UniPC), and the step from ``i`` starts at ``x_i^c``.
+    """
+
+    anchor: int
+    points: tuple[int, ...]
+    a: float
+    coeffs: tuple[float, ...]
+
+
 class Stage(NamedTuple):
     """One evaluation of a fixed-grid solver, with the update that follows it (host float64 coefficients).
 
     The model is evaluated at grid index ``i`` (at the solution, or at an intermediate point of a singlestep
-    method); then ``x_{i+1} = a * x_anchor + sum_j coeffs[j] * m[points[j]] + noise_std * z``.
+    method); the optional ``corrector`` then replaces the solution at ``i``, and
+    ``x_{i+1} = a * x_anchor + sum_j coeffs[j] * m[points[j]] + noise_std * z``.
     """
 
     anchor: int
@@ -83,6 +102,7 @@ class Stage(NamedTuple):
     noise_std: float
     completes: bool
     keep_from: int  # the oldest grid index any later stage reads: older predictions can be dropped
+    corrector: Correction | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +111,8 @@ class State:
 
     ``x`` is the solution at grid index ``anchor_index`` (the last completed step); ``x_eval`` is where the
     model is evaluated next, at ``nodes[i]``; ``history`` holds earlier predictions as (grid index, tensor),
-    newest first.
+    newest first. ``x_prev`` is the solution the last completed step started from, kept only while the next
+    stage has a corrector (which takes that step again); otherwise None.
     """
 
     x: torch.Tensor
@@ -102,6 +123,7 @@ class State:
     stages: tuple[Stage, ...]
     history: tuple[tuple[int, torch.Tensor], ...] = ()
     generator: torch.Generator | None = None
+    x_prev: torch.Tensor | None = None
 
     @property
     def t(self) -> float:
@@ -129,22 +151,44 @@ class FixedGridSolver(Solver):
     def _step_form(self, s: Node, t: Node) -> Form:
         return self._form()
 
+    def _correctors(self, stages) -> list[tuple[int, tuple[int, ...], Rule] | None]:
+        """Per grid index i < steps, given ``_stages``: None, or the corrector (anchor, points with the anchor
+        first, rule) of the solution at i, applied when its evaluation arrives (see :func:`pec_correctors`)."""
+        return [None] * len(stages)
+
     def plan(self, schedule: Schedule, ts) -> tuple[tuple[Node, ...], tuple[Stage, ...]]:
         nodes = tuple(Node.at(schedule, float(t)) for t in np.asarray(ts, dtype=np.float64))
-        stages = []
-        for i, (anchor, points, rule, completes) in enumerate(self._stages(len(nodes) - 1)):
-            s, t = nodes[anchor], nodes[i + 1]
+
+        def update(anchor: int, points, end: int, rule: Rule):
+            s, t = nodes[anchor], nodes[end]
             form = self._step_form(s, t)
             h = t.lam - s.lam
-            rhos = [(nodes[j].lam - s.lam) / h for j in points]
-            a, coeffs = step_coefficients(form, s, t, rhos, rule)
-            stages.append([anchor, tuple(points), a, tuple(float(c) for c in coeffs),
-                           form.noise_std(s, t) if completes else 0.0, completes])
+            a, coeffs = step_coefficients(form, s, t, [(nodes[j].lam - s.lam) / h for j in points], rule)
+            return a, tuple(float(c) for c in coeffs), form.noise_std(s, t)
+
+        specs = self._stages(len(nodes) - 1)
+        stages = []
+        for i, (anchor, points, rule, completes) in enumerate(specs):
+            a, coeffs, noise_std = update(anchor, points, i + 1, rule)
+            stages.append([anchor, tuple(points), a, coeffs, noise_std if completes else 0.0, completes])
+        corrections = []
+        for i, spec in enumerate(self._correctors(specs)):
+            if spec is not None:
+                anchor, points, rule = spec
+                if not (i >= 1 and specs[i - 1][3] and specs[i - 1][0] == anchor == points[0] and max(points) == i):
+                    raise ValueError(f"{type(self).__name__}: the corrector at grid index {i} must take the completed "
+                                     f"step that landed there again (got anchor {anchor}, points {points}).")
+                a, coeffs, noise_std = update(anchor, points, i, rule)
+                if noise_std:
+                    raise ValueError(f"{type(self).__name__}: a corrector needs a deterministic step (eta = 0).")
+                spec = Correction(anchor, tuple(points), a, coeffs)
+            corrections.append(spec)
         keep_from = len(stages)
         for i in reversed(range(len(stages))):
             stages[i].append(keep_from)
-            keep_from = min(keep_from, min(stages[i][1]))
-        return nodes, tuple(Stage(*st) for st in stages)
+            reads = stages[i][1] + (corrections[i].points if corrections[i] is not None else ())
+            keep_from = min(keep_from, min(reads))
+        return nodes, tuple(Stage(*st, corrector=c) for st, c in zip(stages, corrections))
 
     def init(self, schedule, ts, x, generator=None) -> State:
         nodes, stages = self.plan(schedule, ts)
@@ -157,23 +201,31 @@ class FixedGridSolver(Solver):
         # The per-step hot path of every fixed-grid solver: no host-device sync, one allocation for the update
         # (``combine`` works in place on its fresh output) and as little Python as the bookkeeping allows.
         i = state.i
-        stage = state.stages[i]
+        stages = state.stages
+        stage = stages[i]
         history = ((i, self._form().pick(pred)),) + state.history
         by_index = dict(history)
-        x_new = combine(stage.a, state.x, stage.coeffs, [by_index[j] for j in stage.points])
+        x = state.x
+        corrector = stage.corrector
+        if corrector is not None:  # x_i^c: the step that landed on x_i again, with m_i (evaluated at x_i) added
+            x = combine(corrector.a, state.x_prev, corrector.coeffs, [by_index[j] for j in corrector.points])
+        x_new = combine(stage.a, x, stage.coeffs, [by_index[j] for j in stage.points])
         if stage.noise_std:
             z = torch.randn(x_new.shape, generator=state.generator, device=x_new.device, dtype=x_new.dtype)
             x_new.add_(z.mul_(stage.noise_std))  # = x_new + noise_std * z (same kernels), both tensors fresh
         keep_from = stage.keep_from
         if history[-1][0] < keep_from:  # newest first: what is kept is a prefix
             history = tuple(item for item in history if item[0] >= keep_from)
+        x_prev = None
         if stage.completes:
+            if i + 1 < len(stages) and stages[i + 1].corrector is not None:
+                x_prev = x  # the next evaluation's corrector takes this step again, from the same start
             x, anchor = x_new, i + 1
         else:
-            x, anchor = state.x, state.anchor_index
+            anchor = state.anchor_index
         if type(state) is State:  # direct construction: ~1 us per step cheaper than dataclasses.replace
-            return State(x, x_new, i + 1, anchor, state.nodes, state.stages, history, state.generator)
-        return replace(state, x=x, x_eval=x_new, i=i + 1, anchor_index=anchor, history=history)
+            return State(x, x_new, i + 1, anchor, state.nodes, stages, history, state.generator, x_prev)
+        return replace(state, x=x, x_eval=x_new, i=i + 1, anchor_index=anchor, history=history, x_prev=x_prev)
 
     def current(self, state: State):
         # The latest estimate at a grid time: the solution, or a singlestep block's intermediate point.
@@ -192,3 +244,19 @@ def warmup_orders(order: int, steps: int, lower_order_final: bool) -> list[int]:
             p = min(p, steps - i)
         orders.append(p)
     return orders
+
+
+def pec_correctors(stages, rule: Rule, skip=()) -> list[tuple[int, tuple[int, ...], Rule] | None]:
+    """A predict-evaluate-correct corrector at every grid index that a completed step lands on.
+
+    For ``stages`` as returned by ``_stages``: when the evaluation at ``i`` arrives, the step ``i - 1`` that
+    landed on ``x_i`` is taken again from the same anchor with the same points plus ``i``, weighted by ``rule``
+    (UniC: ``Rule.BH1`` / ``Rule.BH2``; Zhao et al. 2023, Sec. 3.1). The extra point raises the local order by
+    one at no extra evaluation. ``skip``: grid indices left uncorrected. Index 0 (the start) is never
+    corrected, nor is the final time (never evaluated).
+    """
+    out: list[tuple[int, tuple[int, ...], Rule] | None] = [None] * min(1, len(stages))
+    for i in range(1, len(stages)):
+        anchor, points, _, completes = stages[i - 1]
+        out.append((anchor, tuple(points) + (i,), rule) if completes and i not in skip else None)
+    return out

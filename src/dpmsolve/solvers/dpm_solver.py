@@ -9,9 +9,13 @@ from __future__ import annotations
 import math
 
 from ._exponential import Form, Node, Rule
-from .base import FixedGridSolver, warmup_orders
+from .base import FixedGridSolver, pec_correctors, warmup_orders
 
 _INTEGRATES = {"data": "x0", "noise": "eps"}
+# The PEC correctors a multistep solver can apply (``corrector=``): UniC (Zhao et al. 2023) with B(h) = h
+# ('unic-bh1') or e^h - 1 ('unic-bh2'; 'unic', the diffusers default). B(h) only matters for the corrector of
+# an order-1 step; with more points UniC is the Taylor update through the step's points and the new one.
+CORRECTORS = {"unic": Rule.BH2, "unic-bh1": Rule.BH1, "unic-bh2": Rule.BH2}
 
 
 def _check_order(name: str, order, allowed) -> int:
@@ -23,7 +27,7 @@ def _check_order(name: str, order, allowed) -> int:
 def _rule(solver_type: str) -> Rule:
     aliases = {"midpoint": "dpmsolver", "heun": "taylor"}
     name = aliases.get(solver_type, solver_type)
-    if name not in {r.value for r in Rule}:
+    if name not in (Rule.DPMSOLVER.value, Rule.TAYLOR.value):
         raise ValueError(f"Unknown solver_type {solver_type!r}; valid: 'dpmsolver' (alias 'midpoint'), "
                          "'taylor' (alias 'heun').")
     return Rule(name)
@@ -36,6 +40,20 @@ def configure(solver, order, allowed, predict: str, solver_type: str) -> None:
         raise ValueError(f"predict must be 'data' (DPM-Solver++) or 'noise' (DPM-Solver), got {predict!r}.")
     solver.predict, solver.integrates = predict, _INTEGRATES[predict]
     solver.solver_type, solver.rule = solver_type, _rule(solver_type)
+
+
+def configure_corrector(solver, corrector, disable_corrector) -> None:
+    """Validate and set a multistep solver's PEC corrector options (see ``CORRECTORS``)."""
+    if corrector is not None and corrector not in CORRECTORS:
+        raise ValueError(f"Unknown corrector {corrector!r}; valid: None, {', '.join(map(repr, CORRECTORS))}.")
+    try:
+        disabled = tuple(sorted({int(k) for k in disable_corrector}))
+    except (TypeError, ValueError):
+        raise ValueError(f"disable_corrector must be step indices (ints >= 0), got {disable_corrector!r}.") from None
+    if any(k < 0 for k in disabled):
+        raise ValueError(f"disable_corrector must be step indices (ints >= 0), got {disable_corrector!r}.")
+    solver.corrector, solver.disable_corrector = corrector, disabled
+    solver.corrector_rule = CORRECTORS[corrector] if corrector is not None else None
 
 
 class DDIM(FixedGridSolver):
@@ -95,22 +113,51 @@ class DPMSolverMultistep(FixedGridSolver):
     - ``lower_order_final``: drop to order ``steps - i`` for the last steps (stabilises few-step sampling on
       grids with a huge final lambda step). Explicit, with no hidden step-count threshold; it caps the global
       order at 2.
+    - ``corrector='unic'`` (or ``'unic-bh1'``, ``'unic-bh2'``): the UniC corrector of UniPC on top of this
+      predictor ("solver_p + UniC"; Zhao et al. 2023, Sec. 3.1). When the evaluation at x_i arrives, the step
+      that landed there is taken again with that evaluation as one more point, and the next step starts from
+      the corrected x_i; the evaluation itself is not repeated, so NFE stays = steps. The final solution is
+      not corrected (there is no evaluation at the final time). It raises the order by one, up to 3: order
+      1 -> 2, 2 -> 3, 3 -> 3 (the first step, one DDIM step corrected with two points, has local error
+      O(h^3)). ``disable_corrector``: steps whose result is left uncorrected (diffusers' convention: step k
+      lands on grid index k + 1); each caps the order at its predictor order + 1.
     """
 
     def __init__(self, order: int = 2, predict: str = "data", solver_type: str = "dpmsolver",
-                 lower_order_final: bool = False, warmup: str = "singlestep"):
+                 lower_order_final: bool = False, warmup: str = "singlestep", corrector: str | None = None,
+                 disable_corrector: tuple[int, ...] = ()):
         configure(self, order, (1, 2, 3), predict, solver_type)
         if warmup not in ("singlestep", "lower_order"):
             raise ValueError(f"warmup must be 'singlestep' or 'lower_order', got {warmup!r}.")
         self.warmup = warmup
         self.lower_order_final = bool(lower_order_final)
+        configure_corrector(self, corrector, disable_corrector)
 
     @property
     def order(self) -> int:
         p = self._order
-        if p == 3 and (self.rule is Rule.DPMSOLVER or self.warmup == "lower_order" or self.lower_order_final):
-            return 2
-        return p
+        predictor = 2 if p == 3 and self.rule is Rule.DPMSOLVER else p  # order of the steps in the bulk
+        if self.corrector_rule is None:
+            return 2 if p == 3 and (self.warmup == "lower_order" or self.lower_order_final) else predictor
+        # A corrected step has local error O(h^(predictor + 2)). Capped by the first step (O(h^3): one DDIM
+        # step corrected with two points, or the singlestep warm-up block whose intermediate evaluation carries
+        # an O(h^2) error), by an uncorrected final order-1 step (lower_order_final), and by each step left
+        # uncorrected (its predictor's local error).
+        order = min(predictor + 1, 3)
+        if self.lower_order_final:
+            order = min(order, 2)
+        if self.disable_corrector:
+            stages = self._stages(max(self.disable_corrector) + 2 * p + 2)  # the ends stay clear of lof
+            for k in self.disable_corrector:
+                _, points, _, completes = stages[k]
+                if completes:
+                    order = min(order, min(len(points), predictor) + 1)
+        return order
+
+    def _correctors(self, stages):
+        if self.corrector_rule is None:
+            return super()._correctors(stages)
+        return pec_correctors(stages, self.corrector_rule, skip={k + 1 for k in self.disable_corrector})
 
     def _stages(self, steps):
         orders = warmup_orders(self._order, steps, self.lower_order_final)
@@ -125,7 +172,8 @@ class DPMSolverMultistep(FixedGridSolver):
 
     def __repr__(self):
         return (f"DPMSolverMultistep(order={self._order}, predict={self.predict!r}, solver_type={self.solver_type!r}"
-                f", lower_order_final={self.lower_order_final}, warmup={self.warmup!r})")
+                f", lower_order_final={self.lower_order_final}, warmup={self.warmup!r}, corrector={self.corrector!r}"
+                f", disable_corrector={self.disable_corrector})")
 
 
 def fast_orders(order: int, steps: int) -> list[int]:
