@@ -25,6 +25,7 @@ DEMO_SOLVERS = [
     ("DPM-Solver++ 2M", "dpmsolver++", {"order": 2}),
     ("DPM-Solver++ 3M", "dpmsolver++", {"order": 3, "solver_type": "taylor"}),
     ("DPM-Solver 3S", "dpmsolver", {"order": 3, "method": "singlestep"}),
+    ("UniPC-2 bh2", "unipc", {"order": 2}),
 ]
 DEMO_NFES = (5, 10, 20)
 

@@ -65,6 +65,8 @@ DEFAULT_CONFIGS = (
     SolverConfig("dpmsolve DPM-Solver 3S", "dpmsolver", {"order": 3, "method": "singlestep"}),
     SolverConfig("dpmsolve UniPC bh2 (order 2)", "unipc", {"order": 2, "variant": "bh2"}),
     SolverConfig("dpmsolve UniPC bh2 (order 3)", "unipc", {"order": 3, "variant": "bh2"}),
+    SolverConfig("dpmsolve UniPC bh2 (order 2) time_quadratic lof", "unipc",
+                 {"order": 2, "variant": "bh2", "lower_order_final": True}, grid="time_quadratic"),
 )
 
 
