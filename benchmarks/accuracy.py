@@ -16,21 +16,19 @@ from dpmsolve.lab.evaluate import LAB_NFES
 
 
 def summary(report) -> str:
-    """Per problem and NFE: our best configuration against the best peer, with their names."""
-    lines = []
+    """Per problem and NFE: our best configuration against the best peer (the README table), then the winners."""
+    lines = ["| problem | | " + " | ".join(f"NFE {k}" for k in LAB_NFES) + " |", "|---|---|" + "---:|" * len(LAB_NFES)]
+    winners = []
     for problem in report.problems():
-        lines += [f"| {problem} | " + " | ".join(f"NFE {k}" for k in LAB_NFES) + " |", "|---|" + "---:|" * len(LAB_NFES)]
         ours = [report.best(problem, k, source="dpmsolve") for k in LAB_NFES]
         peers = [report.best(problem, k, exclude="dpmsolve") for k in LAB_NFES]
-        lines.append("| best dpmsolve | " + " | ".join(f"{r.rmse:.3f}" for r in ours) + " |")
-        lines.append("| best peer | " + " | ".join(f"{r.rmse:.3f}" for r in peers) + " |")
-        lines.append("| ratio | " + " | ".join(f"{a.rmse / b.rmse:.2f}" for a, b in zip(ours, peers)) + " |")
-        lines.append("")
+        lines.append(f"| {problem} | best dpmsolve / best peer | "
+                     + " | ".join(f"{a.rmse:.3f} / {b.rmse:.3f}" for a, b in zip(ours, peers)) + " |")
+        lines.append("| | ratio | " + " | ".join(f"{a.rmse / b.rmse:.2f}" for a, b in zip(ours, peers)) + " |")
         for name, rows in (("dpmsolve", ours), ("peer", peers)):
-            winners = ", ".join(f"{k}: {r.label}" for k, r in zip(LAB_NFES, rows))
-            lines.append(f"- best {name} per NFE ({problem}): {winners}")
-        lines.append("")
-    return "\n".join(lines)
+            winners.append(f"- best {name} per NFE ({problem}): "
+                           + ", ".join(f"{k}: {r.label}" for k, r in zip(LAB_NFES, rows)))
+    return "\n".join(lines + [""] + winners)
 
 
 def main() -> None:
