@@ -344,3 +344,26 @@ def test_network_is_the_lab_mixture_denoiser():
     y = 3.0 * torch.randn(32, PROBLEM.dim, generator=torch.Generator().manual_seed(1))
     for rho in (0.01, 0.5, 20.0):
         assert torch.allclose(mixture_posterior_mean(y, rho), PROBLEM.posterior_mean(y, rho), rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("order, lower_order_final, steps", [(2, True, 10), (3, True, 10), (3, False, 10),
+                                                            (3, True, 16)])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_matches_diffusers_ending_at_sigma_zero(order, lower_order_final, steps, prediction):
+    """final_sigmas_type='zero': diffusers' last step is the first-order jump to sigma = 0 and its
+    lower_order_final (below 15 steps) lowers the step before it; ours with a grid ending at t = 0 does the same."""
+    sched = multistep(final_sigmas_type="zero", lower_order_final=lower_order_final, solver_order=order)(
+        prediction_type=prediction)
+    sched.set_timesteps(steps)
+    schedule = dp.DiscreteVP.from_alphas_cumprod(sched.alphas_cumprod.numpy())
+    net = network(schedule, prediction)
+    x = x_start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t in sched.timesteps:
+        x = sched.step(net(x, t), t, x).prev_sample
+    grid = np.append((sched.timesteps.numpy() + 1.0) / N_TRAIN, 0.0)
+    solver = dp.DPMSolverMultistep(order=order, solver_type="dpmsolver", warmup="lower_order",
+                                   lower_order_final=lower_order_final and steps < 15)
+    ours = dp.sample(dp.wrap_model(net, schedule, prediction=prediction, time_input="discrete"), x_start, solver,
+                     grid=grid, progress=False)
+    assert ours.nfe == steps
+    assert rel_diff(ours.x, x) < 1e-5

@@ -245,9 +245,16 @@ def test_sampling_to_zero_returns_the_x0_jump():
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
     ts = dp.make_grid(schedule, 8, "time_uniform", t_end=0)
     res = dp.sample(den, x, "dpmsolver++", grid=ts, return_intermediates=True, progress=False)
-    assert res.nfe == 8 and res.ts[-1] == 0.0
+    assert res.nfe == 8 and res.ts[-1] == 0.0 and len(res.trajectory) == 9
     # the last step is the x0 prediction at the previous grid time (DDIM's step to sigma = 0)
-    torch.testing.assert_close(res.x, den(res.trajectory[-1], ts[-2]).x0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(res.x, den(res.trajectory[-2], ts[-2]).x0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(res.x, res.trajectory[-1], rtol=0, atol=0)
+    # the same for noise prediction, a singlestep block and UniPC (whose corrector acts before the jump)
+    for name, opts in [("dpmsolver", {"order": 2}), ("dpmsolver++", {"method": "singlestep", "order": 3}),
+                       ("unipc", {"order": 2})]:
+        r = dp.sample(den, x, name, grid=ts, return_intermediates=True, progress=False, **opts)
+        assert r.nfe == 8
+        torch.testing.assert_close(r.x, den(r.trajectory[-2], ts[-2]).x0, rtol=1e-10, atol=1e-10)
     # and it converges to the exact data-end solution: y = mean + sqrt(var) z
     a, s = schedule.alpha_sigma(schedule.t_max)
     z = (x / a - problem.mean) / torch.sqrt(problem.var + (s / a) ** 2)

@@ -194,11 +194,13 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver = "dpmsolve
     solver = _resolve_solver(solver, solver_options)
     ts = _resolve_grid(denoiser, grid, steps, t_start, t_end, grid_options)
     ts = check_grid(denoiser.schedule, ts)
-    to_zero = ts[-1] == 0.0   # the last step is the jump to sigma = 0: the x0 prediction at ts[-2]
+    # A grid ending at t = 0: the last step is the jump to sigma = 0 (the x0 prediction at ts[-2]). Fixed-grid
+    # solvers plan it themselves; the adaptive solver stops at ts[-2] and the jump is the final evaluation.
+    to_zero = ts[-1] == 0.0 and solver.adaptive
+    if ts[-1] == 0.0 and denoise_to_zero:
+        raise ValueError("The grid already ends at sigma = 0 (t = 0); denoise_to_zero would add a second "
+                         "final evaluation. Use one of them.")
     if to_zero:
-        if denoise_to_zero:
-            raise ValueError("The grid already ends at sigma = 0 (t = 0); denoise_to_zero would add a second "
-                             "final evaluation. Use one of them.")
         ts = ts[:-1]
     if solver.adaptive:
         ts = ts[[0, -1]]

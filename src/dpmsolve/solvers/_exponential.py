@@ -43,6 +43,11 @@ class Node(NamedTuple):
     def at_log_snr(cls, schedule: Schedule, lam: float) -> Node:
         return cls.at(schedule, float(schedule.t_from_log_snr(lam)))
 
+    @classmethod
+    def zero(cls) -> Node:
+        """sigma = 0 (the data end, t = 0): lambda = inf, alpha = 1."""
+        return cls(0.0, math.inf, 0.0, -math.inf)
+
     @property
     def alpha(self) -> float:
         return math.exp(self.log_alpha)
@@ -127,6 +132,13 @@ class Form:
         form); ``W_0 / phi_1(z)`` is then ``alpha_t (1 + eta) h`` or ``-sigma_t h``."""
         h = t.lam - s.lam
         return -(1.0 + self.eta) * h if self.data else h
+
+    def to_zero(self, s: Node) -> tuple[float, tuple[float, ...]]:
+        """(A, c) of the step from s to sigma = 0 (alpha = 1 there for every schedule): x_0 = the x0 prediction,
+        written in the integrated prediction (data form: x0 itself; noise form: (x - sigma eps) / alpha)."""
+        if self.data:
+            return 0.0, (1.0,)
+        return math.exp(-s.log_alpha), (-math.exp(s.log_sigma - s.log_alpha),)
 
     def noise_std(self, s: Node, t: Node) -> float:
         h = t.lam - s.lam

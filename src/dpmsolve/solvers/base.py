@@ -157,7 +157,12 @@ class FixedGridSolver(Solver):
         return [None] * len(stages)
 
     def plan(self, schedule: Schedule, ts) -> tuple[tuple[Node, ...], tuple[Stage, ...]]:
-        nodes = tuple(Node.at(schedule, float(t)) for t in np.asarray(ts, dtype=np.float64))
+        """Nodes and stages for the grid ``ts``. A grid ending at t = 0 (sigma = 0) ends with the jump to the x0
+        prediction at the last evaluated point; it counts as the final step (e.g. for ``lower_order_final``)."""
+        ts = np.asarray(ts, dtype=np.float64)
+        to_zero = ts.size >= 2 and ts[-1] == 0.0
+        nodes = tuple(Node.at(schedule, float(t)) for t in (ts[:-1] if to_zero else ts))
+        nodes += (Node.zero(),) if to_zero else ()
 
         def update(anchor: int, points, end: int, rule: Rule):
             s, t = nodes[anchor], nodes[end]
@@ -169,6 +174,10 @@ class FixedGridSolver(Solver):
         specs = self._stages(len(nodes) - 1)
         stages = []
         for i, (anchor, points, rule, completes) in enumerate(specs):
+            if to_zero and i == len(specs) - 1:  # the jump to sigma = 0, from the point just evaluated
+                a, coeffs = self._form().to_zero(nodes[i])
+                stages.append([i, (i,), a, coeffs, 0.0, True])
+                continue
             a, coeffs, noise_std = update(anchor, points, i + 1, rule)
             stages.append([anchor, tuple(points), a, coeffs, noise_std if completes else 0.0, completes])
         corrections = []
@@ -205,7 +214,9 @@ class FixedGridSolver(Solver):
         stage = stages[i]
         history = ((i, self._form().pick(pred)),) + state.history
         by_index = dict(history)
-        x = state.x
+        # An update starts from the last completed solution, or (the jump to sigma = 0 after a singlestep block's
+        # intermediate point) from the point just evaluated.
+        x = state.x if stage.anchor == state.anchor_index else state.x_eval
         corrector = stage.corrector
         if corrector is not None:  # x_i^c: the step that landed on x_i again, with m_i (evaluated at x_i) added
             x = combine(corrector.a, state.x_prev, corrector.coeffs, [by_index[j] for j in corrector.points])
