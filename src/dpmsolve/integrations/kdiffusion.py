@@ -1,0 +1,392 @@
+"""k-diffusion-style sampler functions and sigma grids, backed by dpmsolve's solvers.
+
+Every ``sample_<name>`` here has k-diffusion's signature and conventions and runs through :func:`dpmsolve.sample`
+(no solver maths in this module):
+
+    sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, **options) -> x
+
+* ``model(x, sigma_batch, **extra_args)`` is a denoiser on VE coordinates ``x = x0 + sigma * eps`` that returns
+  the denoised ``x0`` (k-diffusion's ``CompVisDenoiser`` / ``DiscreteEpsDDPMDenoiser``, ComfyUI's ``model_k``);
+  ``sigma_batch`` has shape ``(batch,)``.
+* ``x`` is the start, already scaled by ``sigmas[0]`` (``x = noise * sigmas[0]``, as k-diffusion expects).
+* ``sigmas`` is a strictly decreasing 1-D tensor, usually ending with 0 (``get_sigmas_karras`` & co.). The
+  sigmas are the step grid as given: an EDM schedule (``alpha = 1``, ``sigma = t``) covering
+  ``[min positive sigma, sigmas[0]]`` is built and ``t = sigma`` is the explicit grid. A trailing 0 makes the
+  last step the jump to the x0 prediction at the last positive sigma, exactly as k-diffusion's samplers end.
+* ``extra_args`` go to every model call (conditioning, ``cond_scale``, ComfyUI's ``model_options`` and
+  ``seed``); ``extra_args["seed"]`` also seeds the noise of a stochastic sampler when no generator, seed or
+  noise sampler is given.
+* ``callback`` receives k-diffusion's dict ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` once per step:
+  ``x`` is where the model was evaluated at ``sigmas[i]`` and ``denoised`` its prediction there
+  (``sigma_hat == sigma``: no churn). The call for the final jump to sigma = 0 comes after that jump.
+* ``disable`` controls the tqdm progress bar like k-diffusion's ``trange(..., disable=disable)``: True = off,
+  None = only on a terminal, False = on.
+* ``**options`` go to the dpmsolve solver (``order``, ``solver_type``, ``lower_order_final``, ``eta``,
+  ``warmup``, ``corrector``, ...), overriding the sampler's defaults. Every sampler also accepts the noise options
+  ``noise_sampler`` (k-diffusion's ``noise_sampler(sigma, sigma_next) -> noise like x``), ``s_noise``, ``seed``
+  and ``generator``; they are used only when the solver draws noise (``eta > 0``).
+* The result is the final x (the sample when ``sigmas`` ends with 0), in x's dtype.
+
+Samplers (``SAMPLERS`` maps each name to its dpmsolve solver and defaults):
+
+================== ===================================================================================
+``ddim``            DDIM (= DPM-Solver-1 = Euler on the VE ODE, k-diffusion's ``sample_euler`` without churn);
+                    ``eta`` > 0: DDIM with noise
+``dpmpp_2m``        DPM-Solver++(2M), ``solver_type='dpmsolver'`` (= k-diffusion's ``sample_dpmpp_2m``)
+``dpmpp_3m``        DPM-Solver++(3M), ``solver_type='taylor'`` (third order). k-diffusion's ``sample_dpmpp_3m_sde``
+                    at eta = 0 is another method: the reference 3M form (``solver_type='dpmsolver'``, second
+                    difference at half weight) after a Taylor order-2 second step; no option here equals it
+``dpmpp_2s``        singlestep DPM-Solver++(2S): a block of order 2 spans two sigma intervals (one evaluation per
+                    sigma, NFE = steps; not k-diffusion's ``dpmpp_2s_ancestral``, which evaluates twice per step)
+``dpmpp_3s``        singlestep DPM-Solver++(3S) (``split='fast'`` by default: the reference's order split)
+``dpm_solver_2m``   multistep DPM-Solver-2 (noise prediction)
+``dpm_solver_2s`` / ``dpm_solver_3s``  singlestep DPM-Solver-2 / -3 (noise prediction)
+``dpmpp_2m_sde``    SDE-DPM-Solver++(2M), ``eta=1`` (= k-diffusion's ``sample_dpmpp_2m_sde`` for the same noise)
+``unipc``           UniPC order 3, B(h) = h (``variant='bh1'``, ComfyUI's ``uni_pc``)
+``unipc_bh2``       UniPC order 3, B(h) = e^h - 1 (ComfyUI's ``uni_pc_bh2``)
+================== ===================================================================================
+
+``sample_dpm_adaptive(model, x, sigma_min, sigma_max, ...)`` has k-diffusion's adaptive signature (adaptive
+DPM-Solver-12/23 from ``sigma_max`` to ``sigma_min``; k-diffusion's PID options are not supported).
+
+Grids: ``get_sigmas_karras``, ``get_sigmas_exponential`` (= ``get_sigmas_logsnr``) return k-diffusion's tensors
+(``n`` sigmas from ``sigma_max`` to ``sigma_min`` then 0); ``get_sigmas(schedule, n, kind)`` turns any dpmsolve
+grid of a dpmsolve schedule into VE sigmas ``sigma / alpha`` ending with 0 (``time_uniform`` and
+``time_quadratic`` are spacings of the schedule's own t, e.g. the train-step axis of a DiscreteVP).
+
+Use from k-diffusion code: replace ``k_diffusion.sampling.sample_dpmpp_2m`` by
+``dpmsolve.integrations.kdiffusion.sample_dpmpp_2m``; nothing else changes. For a VP model, wrap it as
+k-diffusion does (``CompVisDenoiser``, ``DiscreteEpsDDPMDenoiser``): the adapter only sees the VE denoiser.
+
+Use from ComfyUI (its API as read in ``comfy/samplers.py``, not exercised here): ComfyUI's ``KSAMPLER`` calls
+``sampler_function(model_k, noise, sigmas, extra_args=..., callback=..., disable=..., **extra_options)`` with
+the noise already scaled, so a custom node can return a sampler object built from any function here::
+
+    import comfy.samplers
+    from dpmsolve.integrations import kdiffusion
+
+    sampler = comfy.samplers.KSAMPLER(kdiffusion.sample_dpmpp_3m, extra_options={"lower_order_final": True})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..grids import make_grid
+from ..model import wrap_model
+from ..sampling import sample
+from ..schedules import EDM, Schedule
+from ..solvers import Solver, get_solver
+from ..solvers.base import State
+
+__all__ = [
+    "SAMPLERS",
+    "sample_ddim",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_3m",
+    "sample_dpmpp_2s",
+    "sample_dpmpp_3s",
+    "sample_dpm_solver_2m",
+    "sample_dpm_solver_2s",
+    "sample_dpm_solver_3s",
+    "sample_dpmpp_2m_sde",
+    "sample_unipc",
+    "sample_unipc_bh2",
+    "sample_dpm_adaptive",
+    "get_sigmas_karras",
+    "get_sigmas_exponential",
+    "get_sigmas_logsnr",
+    "get_sigmas",
+]
+
+# name -> (dpmsolve registry name, default options). The options a caller passes override the defaults.
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("ddim", {}),
+    "dpmpp_2m": ("dpmsolver++", {"order": 2}),
+    "dpmpp_3m": ("dpmsolver++", {"order": 3, "solver_type": "taylor"}),
+    "dpmpp_2s": ("dpmsolver++", {"method": "singlestep", "order": 2}),
+    "dpmpp_3s": ("dpmsolver++", {"method": "singlestep", "order": 3}),
+    "dpm_solver_2m": ("dpmsolver", {"order": 2}),
+    "dpm_solver_2s": ("dpmsolver", {"method": "singlestep", "order": 2}),
+    "dpm_solver_3s": ("dpmsolver", {"method": "singlestep", "order": 3}),
+    "dpmpp_2m_sde": ("sde-dpmsolver++", {"order": 2, "eta": 1.0}),
+    "unipc": ("unipc", {"order": 3, "variant": "bh1"}),
+    "unipc_bh2": ("unipc", {"order": 3, "variant": "bh2"}),
+}
+
+NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------- noise
+
+@dataclass(frozen=True)
+class _ExternalNoiseState(State):
+    noise_stds: tuple[float, ...] = ()   # the inner solver's per-stage noise std (its stages carry 0 instead)
+
+
+class _ExternalNoise(Solver):
+    """A fixed-grid solver whose per-step noise ``std * z`` takes ``z`` from a k-diffusion noise sampler.
+
+    The inner solver plans its steps as usual; its stages are handed over with the noise std set to 0, and the
+    same ``std * s_noise * noise_sampler(sigmas[anchor], sigmas[i + 1])`` is added after each noisy step.
+    """
+
+    def __init__(self, inner: Solver, noise_sampler: NoiseSampler, sigmas: torch.Tensor, s_noise: float):
+        if inner.adaptive or not hasattr(inner, "plan"):
+            raise ValueError(f"noise_sampler needs a fixed-grid solver, got {type(inner).__name__}.")
+        self.inner, self.noise_sampler, self.sigmas, self.s_noise = inner, noise_sampler, sigmas, float(s_noise)
+        self.integrates = inner.integrates
+
+    @property
+    def order(self) -> int:
+        return self.inner.order
+
+    @property
+    def stochastic(self) -> bool:
+        return self.inner.stochastic
+
+    def expected_nfe(self, steps):
+        return self.inner.expected_nfe(steps)
+
+    def init(self, schedule, ts, x, generator=None):
+        state = self.inner.init(schedule, ts, x, generator)
+        values = {f.name: getattr(state, f.name) for f in fields(state)}
+        values["stages"] = tuple(stage._replace(noise_std=0.0) for stage in state.stages)
+        return _ExternalNoiseState(**values, noise_stds=tuple(stage.noise_std for stage in state.stages))
+
+    def ask(self, state):
+        return self.inner.ask(state)
+
+    def tell(self, state, pred):
+        i = state.i
+        new = self.inner.tell(state, pred)
+        std = state.noise_stds[i]
+        if std:
+            x_new = new.x_eval  # a fresh tensor (also new.x: noise is only drawn on completed steps)
+            z = self.noise_sampler(self.sigmas[state.stages[i].anchor], self.sigmas[i + 1])
+            x_new.add_(z.to(device=x_new.device, dtype=x_new.dtype), alpha=std * self.s_noise)
+        return new
+
+    def done(self, state):
+        return self.inner.done(state)
+
+    def step_completed(self, before, after):
+        return self.inner.step_completed(before, after)
+
+    def current(self, state):
+        return self.inner.current(state)
+
+    def __repr__(self):
+        return f"{self.inner!r} with a k-diffusion noise sampler (s_noise={self.s_noise})"
+
+
+def _randn_sampler(x: torch.Tensor, generator: torch.Generator) -> NoiseSampler:
+    return lambda sigma, sigma_next: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+# --------------------------------------------------------------------------------------------- the adapter
+
+def _as_grid(sigmas) -> tuple[torch.Tensor, np.ndarray]:
+    if not isinstance(sigmas, torch.Tensor):
+        sigmas = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+    if sigmas.dim() != 1:
+        raise ValueError(f"sigmas must be a 1-D tensor (k-diffusion's convention), got shape {tuple(sigmas.shape)}.")
+    ts = sigmas.detach().to("cpu", torch.float64).numpy()
+    if ts.size and not np.all(np.isfinite(ts)):
+        raise ValueError("sigmas contains NaN or Inf.")
+    if ts.size and (ts < 0).any():
+        raise ValueError(f"sigmas must be >= 0, got {ts}.")
+    return sigmas, ts
+
+
+def _ve_schedule(ts: np.ndarray) -> EDM:
+    """The EDM schedule (alpha = 1, sigma = t) spanning [min positive sigma, first sigma]."""
+    positive = ts[ts > 0]
+    if positive.size == 0:
+        raise ValueError(f"sigmas has no positive noise level to start from: {ts}.")
+    sigma_max, sigma_min = float(ts[0]), float(positive.min())
+    if not sigma_min < sigma_max:  # one step straight to 0 ([s, 0]): the range only has to hold s
+        sigma_min = 0.5 * sigma_max
+    return EDM(sigma_min=sigma_min, sigma_max=sigma_max)
+
+
+def _progress(disable) -> bool | None:
+    return None if disable is None else not disable
+
+
+def _k_callback(callback, x: torch.Tensor, sigma_of: Callable[[int, float], Any]):
+    """dpmsolve's per-step callback turned into k-diffusion's dict; returns (the callback, the last x seen)."""
+    if callback is None:
+        return None, None
+    last = {"x": x, "i": -1}
+
+    def on_step(info):
+        i = info.step - 1
+        sigma = sigma_of(i, info)
+        callback({"x": last["x"], "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": info.x0})
+        last["x"], last["i"] = info.x, i
+
+    return on_step, last
+
+
+def _net(model: Callable) -> Callable:
+    def net(x, sigma, **extra_args):
+        return model(x, sigma, **extra_args)
+
+    return net
+
+
+def _sample_k(solver_name: str, options: dict[str, Any], model, x: torch.Tensor, sigmas, extra_args,
+              callback, disable) -> torch.Tensor:
+    """The one generic k-diffusion-style sampler: everything goes through :func:`dpmsolve.sample`."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a tensor, got {type(x).__name__}.")
+    extra_args = dict(extra_args or {})
+    noise_sampler = options.pop("noise_sampler", None)
+    s_noise = float(options.pop("s_noise", 1.0))
+    seed = options.pop("seed", None)
+    generator = options.pop("generator", None)
+    solver = get_solver(solver_name, **options)
+    sigmas, ts = _as_grid(sigmas)
+    if ts.size < 2:  # no step (k-diffusion's loop runs len(sigmas) - 1 times)
+        return x
+    schedule = _ve_schedule(ts)
+
+    if solver.stochastic:
+        if seed is None and generator is None:
+            seed = extra_args.get("seed")  # ComfyUI passes its seed in extra_args
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=x.device).manual_seed(int(seed))
+        if noise_sampler is None and s_noise != 1.0:
+            if generator is None:
+                generator = torch.Generator(device=x.device).manual_seed(int(torch.randint(2**62, ()).item()))
+            noise_sampler = _randn_sampler(x, generator)
+        if noise_sampler is not None:
+            solver = _ExternalNoise(solver, noise_sampler, sigmas, s_noise)
+
+    denoiser = wrap_model(_net(model), schedule, prediction="x0", time_input="continuous", input_dtype=x.dtype)
+    on_step, last = _k_callback(callback, x, lambda i, info: sigmas[i])
+    solution = sample(denoiser, x, solver, grid=ts, generator=generator, callback=on_step,
+                      progress=_progress(disable), model_kwargs=extra_args)
+    i = ts.size - 2
+    if on_step is not None and ts[-1] == 0.0 and last["i"] < i:
+        # The jump to sigma = 0 (the x0 prediction at sigmas[-2]) when sample() reports no step for it.
+        callback({"x": last["x"], "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": solution.x})
+    return solution.x
+
+
+def _make_sampler(name: str) -> Callable[..., torch.Tensor]:
+    solver_name, defaults = SAMPLERS[name]
+
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        return _sample_k(solver_name, {**defaults, **options}, model, x, sigmas, extra_args, callback, disable)
+
+    shown = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
+    sampler.__name__ = sampler.__qualname__ = f"sample_{name}"
+    sampler.__module__ = __name__
+    sampler.__doc__ = (f"k-diffusion-style sampler: dpmsolve solver {solver_name!r} ({shown or 'defaults'}) on the "
+                       "given sigmas.\n\nSee the module docstring for the conventions; ``**options`` override "
+                       "the solver options and may add ``noise_sampler``, ``s_noise``, ``seed``, ``generator``.")
+    return sampler
+
+
+sample_ddim = _make_sampler("ddim")
+sample_dpmpp_2m = _make_sampler("dpmpp_2m")
+sample_dpmpp_3m = _make_sampler("dpmpp_3m")
+sample_dpmpp_2s = _make_sampler("dpmpp_2s")
+sample_dpmpp_3s = _make_sampler("dpmpp_3s")
+sample_dpm_solver_2m = _make_sampler("dpm_solver_2m")
+sample_dpm_solver_2s = _make_sampler("dpm_solver_2s")
+sample_dpm_solver_3s = _make_sampler("dpm_solver_3s")
+sample_dpmpp_2m_sde = _make_sampler("dpmpp_2m_sde")
+sample_unipc = _make_sampler("unipc")
+sample_unipc_bh2 = _make_sampler("unipc_bh2")
+
+
+def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None, disable=None, order=3,
+                        rtol=0.05, atol=0.0078, h_init=0.05, eta=0.0, s_noise=1.0, noise_sampler=None,
+                        return_info=False, **options):
+    """Adaptive DPM-Solver-12 (``order=2``) / -23 (``order=3``) from ``sigma_max`` to ``sigma_min`` with
+    k-diffusion's ``sample_dpm_adaptive`` signature (noise prediction, as k-diffusion's; pass
+    ``predict='data'`` for DPM-Solver++). ``eta`` must be 0 (no adaptive SDE here) and k-diffusion's PID
+    step-size options are not supported. ``return_info=True`` returns ``(x, {'nfe', 'n_accept', 'n_reject'})``.
+    The callback dict has ``sigma`` = the noise level of each accepted step's start."""
+    if eta:
+        raise ValueError("sample_dpm_adaptive supports eta = 0 only (adaptive DPM-Solver has no SDE form here).")
+    del s_noise, noise_sampler  # accepted for k-diffusion compatibility; unused at eta = 0
+    sigma_min, sigma_max = float(sigma_min), float(sigma_max)
+    if not (0 < sigma_min < sigma_max):
+        raise ValueError(f"sample_dpm_adaptive needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}.")
+    schedule = EDM(sigma_min=sigma_min, sigma_max=sigma_max)
+    options = {"method": "adaptive", "order": order, "rtol": rtol, "atol": atol, "h_init": h_init, **options}
+    solver = get_solver("dpmsolver", **options)
+    denoiser = wrap_model(_net(model), schedule, prediction="x0", time_input="continuous", input_dtype=x.dtype)
+    start = {"t": sigma_max}
+
+    def sigma_of(i, info):
+        sigma, start["t"] = start["t"], info.t
+        return torch.tensor(sigma, dtype=torch.float64)
+
+    on_step, _ = _k_callback(callback, x, sigma_of)
+    solution = sample(denoiser, x, solver, grid=[sigma_max, sigma_min], callback=on_step,
+                      progress=_progress(disable), model_kwargs=dict(extra_args or {}))
+    if return_info:
+        return solution.x, {"nfe": solution.nfe, "n_accept": solution.stats.get("accepted"),
+                            "n_reject": solution.stats.get("rejected")}
+    return solution.x
+
+
+# --------------------------------------------------------------------------------------------- grids
+
+def _to_tensor(sigmas: np.ndarray, device, dtype) -> torch.Tensor:
+    return torch.as_tensor(sigmas, dtype=torch.float64).to(device=device,
+                                                           dtype=dtype or torch.get_default_dtype())
+
+
+def _edm_sigmas(n: int, sigma_min: float, sigma_max: float, kind: str, device, dtype, **options) -> torch.Tensor:
+    """k-diffusion's layout: ``n`` sigmas from sigma_max down to sigma_min (a ``kind`` grid of ``n - 1``
+    intervals on the EDM schedule), then 0."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}.")
+    if n == 1:
+        body = np.array([float(sigma_max)])
+    else:
+        body = make_grid(EDM(sigma_min=float(sigma_min), sigma_max=float(sigma_max)), int(n) - 1, kind, **options)
+    return _to_tensor(np.append(body, 0.0), device, dtype)
+
+
+def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device="cpu",
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Karras et al. (2022) sigmas, as k-diffusion's ``get_sigmas_karras``: ``n`` values uniform in
+    ``sigma^(1/rho)`` from ``sigma_max`` to ``sigma_min``, then 0 (``dtype`` default: torch's default dtype)."""
+    return _edm_sigmas(n, sigma_min, sigma_max, "karras", device, dtype, rho=rho)
+
+
+def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float, device="cpu",
+                           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sigmas uniform in log sigma (= uniform in log-SNR), as k-diffusion's ``get_sigmas_exponential``:
+    ``n`` values from ``sigma_max`` to ``sigma_min``, then 0."""
+    return _edm_sigmas(n, sigma_min, sigma_max, "exponential", device, dtype)
+
+
+get_sigmas_logsnr = get_sigmas_exponential
+
+
+def get_sigmas(schedule: Schedule, n: int, kind: str = "logSNR", device="cpu", dtype: torch.dtype | None = None,
+               append_zero: bool = True, **grid_options) -> torch.Tensor:
+    """The dpmsolve grid ``kind`` of ``schedule`` as k-diffusion sigmas (VE ``sigma / alpha`` per time).
+
+    ``append_zero=True`` (k-diffusion's layout): ``n`` steps ending at sigma = 0, i.e. ``make_grid(schedule, n,
+    kind, t_end=0)``: ``n`` positive sigmas then 0 (time-spaced grids such as ``time_uniform`` run their
+    spacing down to t = 0; sigma-spaced ones reach t_min in ``n - 1`` steps, then 0). ``append_zero=False``:
+    the ``n + 1`` sigmas of ``make_grid(schedule, n, kind)``, ending at t_min. ``grid_options`` go to the grid
+    (``rho``, ``shift``)."""
+    ts = make_grid(schedule, n, kind, t_end=0 if append_zero else None, **grid_options)
+    sigmas = np.zeros_like(ts)
+    positive = ts > 0
+    sigmas[positive] = np.exp(-schedule.log_snr(ts[positive]))
+    return _to_tensor(sigmas, device, dtype)
