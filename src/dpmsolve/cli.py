@@ -22,7 +22,15 @@ def main(argv=None) -> int:
                        help="compare at sigma = 0 (default) or at the schedule's t_min")
     bench.add_argument("--no-peers", action="store_true", help="only our solvers (skip diffusers / k-diffusion)")
     bench.add_argument("--out", default="dpmsolve-bench", help="folder for accuracy.md/.json/.png")
+    from .sample_cli import add_arguments as add_sample_arguments
+
+    sample = commands.add_parser("sample", help="sample images from a saved diffusers pipeline with a dpmsolve solver")
+    add_sample_arguments(sample)
     args = parser.parse_args(argv)
+    if args.command == "sample":
+        from .sample_cli import run_from_args
+
+        return run_from_args(args, sample)
     if args.command == "bench":
         from .lab.bench import run_bench
 

@@ -1,0 +1,224 @@
+"""``dpmsolve sample``: images from a diffusers pipeline saved on disk, sampled by a dpmsolve solver.
+
+The pipeline is loaded offline with ``DiffusionPipeline.from_pretrained(PIPELINE_DIR)``; its scheduler is replaced
+by :class:`~dpmsolve.integrations.diffusers.DPMSolveScheduler` built from the pipeline's own scheduler config (so
+the model's noise schedule and prediction type are kept) with the chosen solver, grid and end; the pipeline then
+runs as usual (with its own progress bar) and every image is written as a PNG.
+
+Unconditional pipelines (those whose ``__call__`` takes ``batch_size``, e.g. ``DDPMPipeline``) take no prompt;
+text-to-image pipelines (those taking ``prompt``) need ``--prompt`` and use ``--guidance``.
+
+This module imports torch and diffusers only when a command runs, so ``dpmsolve --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["SampleError", "add_arguments", "run_from_args", "sample_pipeline", "NO_PIPELINE_MESSAGE"]
+
+NO_PIPELINE_MESSAGE = (
+    "dpmsolve sample: samples of dpmsolve's own trained models are not available yet (no trained models are "
+    "shipped). Pass the directory of a diffusers pipeline saved with save_pretrained, e.g.\n"
+    "    dpmsolve sample ./my-ddpm-pipeline --steps 20 --out samples")
+
+
+class SampleError(ValueError):
+    """A problem with the arguments or the pipeline directory, reported to the user without a traceback."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``dpmsolve sample``."""
+    parser.add_argument("pipeline_dir", nargs="?", default=None, metavar="PIPELINE_DIR",
+                        help="a diffusers pipeline saved on disk (save_pretrained; loaded offline)")
+    parser.add_argument("--solver", default="dpmsolver++",
+                        help="dpmsolve solver: ddim, dpmsolver, dpmsolver++, sde-dpmsolver++, unipc "
+                             "(default dpmsolver++)")
+    parser.add_argument("--order", type=int, default=None,
+                        help="solver order (default 2; ddim has no order option)")
+    parser.add_argument("--grid", default=None,
+                        help="time grid: logSNR, time_uniform, time_quadratic, karras, exponential, flow_shift "
+                             "(default logSNR; flow_shift for flow-matching pipelines)")
+    parser.add_argument("--steps", type=int, default=20, help="model evaluations (default 20)")
+    parser.add_argument("--final", choices=["zero", "min"], default="zero",
+                        help="end the grid at sigma = 0 (default) or at the schedule's smallest training noise")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the start noise (default 0)")
+    parser.add_argument("--batch", type=int, default=4, help="number of images (default 4)")
+    parser.add_argument("--prompt", default=None, help="text prompt (text-to-image pipelines only)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (text-to-image pipelines; default 7.5)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--out", default="dpmsolve-samples", help="folder for the PNGs (default ./dpmsolve-samples)")
+
+
+def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run ``dpmsolve sample`` for parsed ``args``; argument and pipeline problems go to ``parser.error``."""
+    if args.pipeline_dir is None:
+        print(NO_PIPELINE_MESSAGE, file=sys.stderr)
+        return 2
+    try:
+        paths = sample_pipeline(args.pipeline_dir, solver=args.solver, order=args.order, grid=args.grid,
+                                steps=args.steps, final=args.final, seed=args.seed, batch=args.batch,
+                                prompt=args.prompt, guidance=args.guidance, out=args.out, device=args.device)
+    except SampleError as exc:
+        parser.error(str(exc))  # exits with status 2
+    size = _image_size(paths[0]) if paths else None
+    print(f"Wrote {len(paths)} image(s)" + (f" of {size[0]}x{size[1]} pixels" if size else "")
+          + f" to {Path(args.out)}/ ({paths[0].name if paths else ''}"
+          + (f" ... {paths[-1].name}" if len(paths) > 1 else "") + ")")
+    return 0
+
+
+def _image_size(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def _solver_options(solver: str, order: int | None) -> dict[str, Any]:
+    from .solvers import get_solver
+
+    if order is not None:
+        options = {"order": int(order)}
+        try:
+            get_solver(solver, **options)
+        except (ValueError, TypeError) as exc:
+            raise SampleError(f"--solver {solver} --order {order}: {exc}") from None
+        return options
+    try:
+        get_solver(solver, order=2)
+        return {"order": 2}
+    except (ValueError, TypeError):
+        pass
+    try:
+        get_solver(solver)
+    except (ValueError, TypeError) as exc:
+        raise SampleError(f"--solver {solver}: {exc}") from None
+    return {}  # a solver without an order option (ddim)
+
+
+def _load_pipeline(pipeline_dir: str | Path):
+    path = Path(pipeline_dir)
+    if not path.exists():
+        raise SampleError(f"PIPELINE_DIR {str(path)!r} does not exist; pass the folder of a diffusers pipeline "
+                          "saved with save_pretrained.")
+    if not path.is_dir():
+        raise SampleError(f"PIPELINE_DIR {str(path)!r} is a file, not a folder; pass the folder of a diffusers "
+                          "pipeline saved with save_pretrained.")
+    if not (path / "model_index.json").is_file():
+        raise SampleError(f"{str(path)!r} is not a diffusers pipeline: it has no model_index.json (a folder "
+                          "written by DiffusionPipeline.save_pretrained has one).")
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's pipeline folder
+        raise SampleError(f"could not load the diffusers pipeline in {str(path)!r}: {type(exc).__name__}: "
+                          f"{exc}") from None
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None or not hasattr(scheduler, "config"):
+        raise SampleError(f"the pipeline in {str(path)!r} ({type(pipe).__name__}) has no scheduler to replace.")
+    return pipe
+
+
+@contextlib.contextmanager
+def _float32_default():
+    """diffusers pipelines assume torch's default dtype is float32 (as in a fresh process)."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def sample_pipeline(pipeline_dir: str | Path, *, solver: str = "dpmsolver++", order: int | None = None,
+                    grid: str | None = None, steps: int = 20, final: str = "zero", seed: int = 0, batch: int = 4,
+                    prompt: str | None = None, guidance: float | None = None, out: str | Path = "dpmsolve-samples",
+                    device: str | None = None) -> list[Path]:
+    """Load the pipeline in ``pipeline_dir``, sample ``batch`` images with a dpmsolve solver, write them as
+    ``out/sample_0000.png``, ... and return their paths. Raises :class:`SampleError` for bad arguments or a
+    folder that is not a loadable diffusers pipeline."""
+    if steps < 1:
+        raise SampleError(f"--steps must be >= 1, got {steps}.")
+    if batch < 1:
+        raise SampleError(f"--batch must be >= 1, got {batch}.")
+    if final not in ("zero", "min"):
+        raise SampleError(f"--final must be 'zero' or 'min', got {final!r}.")
+    options = _solver_options(solver, order)
+    import torch
+
+    from .integrations.diffusers import DPMSolveScheduler
+
+    with _float32_default():
+        pipe = _load_pipeline(pipeline_dir)
+        params = inspect.signature(pipe.__call__).parameters
+        kwargs: dict[str, Any] = {"num_inference_steps": int(steps), "output_type": "pil"}
+        if "prompt" in params:
+            if not prompt:
+                raise SampleError(f"{type(pipe).__name__} is a text-to-image pipeline: pass --prompt TEXT.")
+            kwargs["prompt"] = prompt
+            if "num_images_per_prompt" in params:
+                kwargs["num_images_per_prompt"] = int(batch)
+            elif batch != 1:
+                raise SampleError(f"{type(pipe).__name__} makes one image per prompt; use --batch 1.")
+            if "guidance_scale" in params:
+                kwargs["guidance_scale"] = 7.5 if guidance is None else float(guidance)
+            elif guidance is not None:
+                raise SampleError(f"{type(pipe).__name__} takes no guidance scale; drop --guidance.")
+        elif "batch_size" in params:
+            if prompt is not None:
+                raise SampleError(f"{type(pipe).__name__} is an unconditional pipeline: it takes no --prompt.")
+            if guidance is not None:
+                raise SampleError(f"{type(pipe).__name__} is an unconditional pipeline: it takes no --guidance.")
+            kwargs["batch_size"] = int(batch)
+        else:
+            raise SampleError(f"{type(pipe).__name__} is neither an unconditional pipeline (batch_size) nor a "
+                              "text-to-image one (prompt); dpmsolve sample cannot drive it.")
+        if "generator" not in params:
+            raise SampleError(f"{type(pipe).__name__} takes no generator, so --seed could not be honoured.")
+
+        overrides: dict[str, Any] = {"solver": solver, "solver_options": options, "final_sigma": final}
+        if grid is not None:
+            overrides["grid"] = grid
+        try:
+            scheduler = DPMSolveScheduler.from_config(pipe.scheduler.config, **overrides)
+            scheduler.set_timesteps(int(steps))  # fail here, not inside the pipeline, on a bad grid
+        except (ValueError, TypeError) as exc:
+            raise SampleError(f"could not build the dpmsolve scheduler: {exc}") from None
+        pipe.scheduler = scheduler
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = pipe.to(device)
+        grid_name = scheduler._grid_kind
+        print(f"{type(pipe).__name__} from {pipeline_dir}: {solver} {options or ''} on the {grid_name} grid, "
+              f"{steps} steps to {'sigma = 0' if final == 'zero' else 't_min'}, seed {seed}, on {device}")
+        kwargs["generator"] = torch.Generator().manual_seed(int(seed))
+        images = pipe(**kwargs).images
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = out / f"sample_{i:04d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dpmsolve.sample_cli`` = ``dpmsolve sample``."""
+    parser = argparse.ArgumentParser(prog="dpmsolve sample", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv), parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""``dpmsolve sample``: a saved (tiny, random, offline) diffusers pipeline sampled by our scheduler from the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+PIL = pytest.importorskip("PIL")
+
+from PIL import Image  # noqa: E402
+
+from dpmsolve.cli import main  # noqa: E402
+from dpmsolve.integrations.diffusers import DPMSolveScheduler  # noqa: E402
+from dpmsolve.sample_cli import NO_PIPELINE_MESSAGE  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+
+@pytest.fixture
+def float32():
+    torch.set_default_dtype(torch.float32)  # as in a fresh process (the autouse fixture restores float64)
+
+
+def _tiny_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).float().eval()
+
+
+@pytest.fixture
+def ddpm_dir(tmp_path, float32):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    path = tmp_path / "ddpm"
+    DDPMPipeline(unet=_tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(path)
+    return path
+
+
+def _pngs(folder):
+    files = sorted(folder.glob("*.png"))
+    return files, [np.asarray(Image.open(f).convert("RGB")) for f in files]
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    return (images * 255).round().astype("uint8")  # diffusers' numpy_to_pil
+
+
+def test_sample_ddpm_pipeline_equals_python_run(ddpm_dir, tmp_path, capsys):
+    from diffusers import DDPMPipeline
+
+    out = tmp_path / "out"
+    assert main(["sample", str(ddpm_dir), "--steps", "3", "--out", str(out), "--device", "cpu"]) == 0
+    files, arrays = _pngs(out)
+    assert [f.name for f in files] == [f"sample_{i:04d}.png" for i in range(4)]   # --batch 4 by default
+    assert all(a.shape == (8, 8, 3) for a in arrays)
+    printed = capsys.readouterr().out
+    assert "Wrote 4 image(s) of 8x8 pixels" in printed and str(out) in printed and "dpmsolver++" in printed
+
+    # The same pipeline in Python with our scheduler: identical pixels.
+    pipe = DDPMPipeline.from_pretrained(ddpm_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DPMSolveScheduler.from_config(pipe.scheduler.config, solver="dpmsolver++",
+                                                   solver_options={"order": 2}, grid="logSNR", final_sigma="zero")
+    images = pipe(batch_size=4, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    np.testing.assert_array_equal(np.stack(arrays), _to_uint8(images))
+
+
+def test_sample_options_reach_the_scheduler(ddpm_dir, tmp_path):
+    from diffusers import DDPMPipeline
+
+    out = tmp_path / "out"
+    assert main(["sample", str(ddpm_dir), "--solver", "unipc", "--order", "3", "--grid", "karras", "--final", "min",
+                 "--steps", "4", "--seed", "7", "--batch", "2", "--out", str(out), "--device", "cpu"]) == 0
+    _, arrays = _pngs(out)
+    pipe = DDPMPipeline.from_pretrained(ddpm_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DPMSolveScheduler.from_config(pipe.scheduler.config, solver="unipc",
+                                                   solver_options={"order": 3}, grid="karras", final_sigma="min")
+    images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(7),
+                  output_type="np").images
+    np.testing.assert_array_equal(np.stack(arrays), _to_uint8(images))
+    # ddim has no order option: the default order is simply not passed.
+    assert main(["sample", str(ddpm_dir), "--solver", "ddim", "--steps", "2", "--batch", "1",
+                 "--out", str(tmp_path / "ddim"), "--device", "cpu"]) == 0
+    assert len(_pngs(tmp_path / "ddim")[0]) == 1
+
+
+def _clip_tokenizer(tmp_path):
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(vocab_file=str(tmp_path / "vocab.json"), merges_file=str(tmp_path / "merges.txt"),
+                         model_max_length=16), len(vocab)
+
+
+def test_sample_text_to_image_pipeline(tmp_path, float32, capsys):
+    pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer, vocab_size = _clip_tokenizer(tmp_path)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2,
+                                                max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                                                pad_token_id=1)).eval()
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16,
+                                attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
+                        norm_num_groups=4, sample_size=16).eval()
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    path = tmp_path / "sd"
+    pipe.save_pretrained(path)
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        main(["sample", str(path), "--steps", "2", "--out", str(out), "--device", "cpu"])
+    assert "text-to-image pipeline: pass --prompt" in capsys.readouterr().err
+    assert main(["sample", str(path), "--prompt", "a cat", "--guidance", "5", "--steps", "3", "--batch", "2",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    _, arrays = _pngs(out)
+    assert len(arrays) == 2 and all(a.shape == (8, 8, 3) for a in arrays)
+
+    loaded = StableDiffusionPipeline.from_pretrained(path)
+    loaded.set_progress_bar_config(disable=True)
+    loaded.scheduler = DPMSolveScheduler.from_config(loaded.scheduler.config, solver="dpmsolver++",
+                                                     solver_options={"order": 2}, final_sigma="zero")
+    images = loaded("a cat", guidance_scale=5.0, num_inference_steps=3, num_images_per_prompt=2,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+    np.testing.assert_array_equal(np.stack(arrays), _to_uint8(images))
+
+
+def test_without_pipeline_dir_says_models_are_not_shipped(capsys):
+    assert main(["sample"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == NO_PIPELINE_MESSAGE
+    assert "not available yet" in err and "diffusers pipeline" in err
+
+
+def test_errors(tmp_path, ddpm_dir, capsys):
+    def fails(args, message):
+        with pytest.raises(SystemExit) as info:
+            main(["sample", *args, "--out", str(tmp_path / "never"), "--device", "cpu"])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
+
+    fails([str(tmp_path / "missing")], "does not exist")
+    (tmp_path / "empty").mkdir()
+    fails([str(tmp_path / "empty")], "not a diffusers pipeline: it has no model_index.json")
+    (tmp_path / "file.txt").write_text("x")
+    fails([str(tmp_path / "file.txt")], "is a file, not a folder")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    fails([str(broken)], "could not load the diffusers pipeline")
+    fails([str(ddpm_dir), "--prompt", "a cat"], "unconditional pipeline: it takes no --prompt")
+    fails([str(ddpm_dir), "--guidance", "3"], "unconditional pipeline: it takes no --guidance")
+    fails([str(ddpm_dir), "--solver", "nope"], "Unknown solver 'nope'")
+    fails([str(ddpm_dir), "--solver", "ddim", "--order", "2"], "DDIM has no option(s) order")
+    fails([str(ddpm_dir), "--grid", "nope"], "could not build the dpmsolve scheduler")
+    fails([str(ddpm_dir), "--steps", "0"], "--steps must be >= 1")
+    fails([str(ddpm_dir), "--final", "max"], "invalid choice")
+    assert not (tmp_path / "never").exists()
