@@ -15,6 +15,24 @@ SCHEDULES = {
 }
 
 
+
+
+def deterministic_configs():
+    """(id, registry name, options) for every deterministic fixed-grid DPM-Solver configuration (and DDIM)."""
+    out = [("ddim", "ddim", {})]
+    for name in ("dpmsolver", "dpmsolver++"):
+        for st in ("dpmsolver", "taylor"):
+            for order in (1, 2, 3):
+                out.append((f"{name}-ms{order}-{st}", name, dict(order=order, solver_type=st)))
+            out.append((f"{name}-ms3-{st}-warmup_lower", name, dict(order=3, solver_type=st, warmup="lower_order")))
+            out.append((f"{name}-ms3-{st}-lof", name, dict(order=3, solver_type=st, lower_order_final=True)))
+            for order in (1, 2, 3):
+                out.append((f"{name}-ss{order}-{st}-fixed", name,
+                            dict(method="singlestep", order=order, solver_type=st, split="fixed")))
+            out.append((f"{name}-ss3-{st}-fast", name, dict(method="singlestep", order=3, solver_type=st, split="fast")))
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _float64_default():
     old = torch.get_default_dtype()

@@ -39,6 +39,7 @@ import pytest
 import torch
 
 import dpmsolve as dp
+from conftest import deterministic_configs
 from dpmsolve.lab import GaussianData, GaussianMixture, reference_solution
 
 LAMBDA_WINDOW = (-1.0, 2.0)
@@ -58,18 +59,7 @@ SCHEDULES = {
 
 def _configs():
     """(id, registry name, options) for every deterministic fixed-grid configuration."""
-    out = [("ddim", "ddim", {})]
-    for name in ("dpmsolver", "dpmsolver++"):
-        for st in ("dpmsolver", "taylor"):
-            for order in (1, 2, 3):
-                out.append((f"{name}-ms{order}-{st}", name, dict(order=order, solver_type=st)))
-            out.append((f"{name}-ms3-{st}-warmup_lower", name, dict(order=3, solver_type=st, warmup="lower_order")))
-            out.append((f"{name}-ms3-{st}-lof", name, dict(order=3, solver_type=st, lower_order_final=True)))
-            for order in (1, 2, 3):
-                out.append((f"{name}-ss{order}-{st}-fixed", name,
-                            dict(method="singlestep", order=order, solver_type=st, split="fixed")))
-            out.append((f"{name}-ss3-{st}-fast", name, dict(method="singlestep", order=3, solver_type=st, split="fast")))
-    return out
+    return deterministic_configs()
 
 
 CONFIGS = _configs()

@@ -24,13 +24,7 @@ import torch
 import dpmsolve as dp
 from dpmsolve.lab import GaussianData, GaussianMixture
 
-SCHEDULES = {
-    "discrete": dp.DiscreteVP.linear,
-    "linear": dp.LinearVP,
-    "cosine": dp.CosineVP,
-    "edm": dp.EDM,
-    "flow": dp.RectifiedFlow,
-}
+from conftest import SCHEDULES
 SCHEDULE_NAMES = sorted(SCHEDULES)
 GRIDS = ["logSNR", "time_uniform"]
 STEPS = 10

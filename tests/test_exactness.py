@@ -29,13 +29,7 @@ from numpy.polynomial import polynomial as npoly
 import dpmsolve as dp
 from dpmsolve.lab import PointMass
 
-SCHEDULES = {
-    "discrete": dp.DiscreteVP.linear,
-    "linear": dp.LinearVP,
-    "cosine": dp.CosineVP,
-    "edm": dp.EDM,
-    "flow": dp.RectifiedFlow,
-}
+from conftest import SCHEDULES, deterministic_configs
 SCHEDULE_NAMES = sorted(SCHEDULES)
 EXACT = 1e-10
 
@@ -49,17 +43,9 @@ def _rel_err(x, truth) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 def _exponential_integrators():
-    out = [("ddim", "ddim", {})]
+    out = deterministic_configs()
     for name in ("dpmsolver", "dpmsolver++"):
         for st in ("dpmsolver", "taylor"):
-            for order in (1, 2, 3):
-                out.append((f"{name}-ms{order}-{st}", name, dict(order=order, solver_type=st)))
-            out.append((f"{name}-ms3-{st}-warmup_lower", name, dict(order=3, solver_type=st, warmup="lower_order")))
-            out.append((f"{name}-ms3-{st}-lof", name, dict(order=3, solver_type=st, lower_order_final=True)))
-            for order in (1, 2, 3):
-                out.append((f"{name}-ss{order}-{st}-fixed", name,
-                            dict(method="singlestep", order=order, solver_type=st, split="fixed")))
-            out.append((f"{name}-ss3-{st}-fast", name, dict(method="singlestep", order=3, solver_type=st, split="fast")))
             for order in (2, 3):
                 out.append((f"{name}-adaptive{order}-{st}", name, dict(method="adaptive", order=order, solver_type=st)))
     for order in (1, 2):

@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from tiny_pipelines import tiny_stable_diffusion, tiny_unet  # noqa: E402
 import dpmsolve as dp  # noqa: E402
 from dpmsolve.integrations.diffusers import (  # noqa: E402
     DDIMSolveScheduler,
@@ -333,12 +334,8 @@ def test_save_pretrained_round_trip(cls, tmp_path):
 # ------------------------------------------------------------------------------------------ (b) DDPMPipeline
 
 def _tiny_unet():
-    from diffusers import UNet2DModel
-
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).float().eval()
+    return tiny_unet().float().eval()
 
 
 @pytest.mark.parametrize("cls", [UniPCScheduler, DPMSolverSinglestepScheduler, DPMSolverPPMultistepScheduler])
@@ -368,42 +365,11 @@ def test_ddpm_pipeline(cls):
 
 # ------------------------------------------------------------------------------------------ (c) SD + CFG
 
-def _clip_tokenizer(tmp_path):
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(vocab_file=str(tmp_path / "vocab.json"), merges_file=str(tmp_path / "merges.txt"),
-                         model_max_length=16), len(vocab)
-
-
 def test_stable_diffusion_pipeline_with_cfg(tmp_path):
     pytest.importorskip("transformers")
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
-    tokenizer, vocab_size = _clip_tokenizer(tmp_path)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
-                                                num_hidden_layers=1, num_attention_heads=2,
-                                                max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                                                pad_token_id=1)).eval()
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16,
-                                attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
-                        norm_num_groups=4, sample_size=16).eval()
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = tiny_stable_diffusion(tmp_path)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = DPMSolverPPMultistepScheduler.from_config(pipe.scheduler.config, grid="karras")
     kwargs = dict(num_inference_steps=6, guidance_scale=5.0, height=8, width=8)
@@ -414,7 +380,7 @@ def test_stable_diffusion_pipeline_with_cfg(tmp_path):
     # dp.sample with the CFG wrapper on the pipeline's own prompt embeddings and start noise.
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt("a cat", "cpu", 1, True)
-        den = dp.wrap_model(unet, pipe.scheduler.schedule, "eps", time_input="discrete")
+        den = dp.wrap_model(pipe.unet, pipe.scheduler.schedule, "eps", time_input="discrete")
         cfg = dp.ClassifierFreeGuidance(den, 5.0, cond={"encoder_hidden_states": cond},
                                         uncond={"encoder_hidden_states": uncond})
         x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))

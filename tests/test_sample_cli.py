@@ -16,6 +16,7 @@ from PIL import Image  # noqa: E402
 from dpmsolve.cli import main  # noqa: E402
 from dpmsolve.integrations.diffusers import DPMSolveScheduler  # noqa: E402
 from dpmsolve.sample_cli import NO_PIPELINE_MESSAGE  # noqa: E402
+from tiny_pipelines import tiny_stable_diffusion, tiny_unet  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -29,12 +30,8 @@ def float32():
 
 
 def _tiny_unet():
-    from diffusers import UNet2DModel
-
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).float().eval()
+    return tiny_unet().float().eval()
 
 
 @pytest.fixture
@@ -96,41 +93,10 @@ def test_sample_options_reach_the_scheduler(ddpm_dir, tmp_path):
     assert len(_pngs(tmp_path / "ddim")[0]) == 1
 
 
-def _clip_tokenizer(tmp_path):
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(vocab_file=str(tmp_path / "vocab.json"), merges_file=str(tmp_path / "merges.txt"),
-                         model_max_length=16), len(vocab)
-
-
 def test_sample_text_to_image_pipeline(tmp_path, float32, capsys):
     pytest.importorskip("transformers")
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(0)
-    tokenizer, vocab_size = _clip_tokenizer(tmp_path)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
-                                                num_hidden_layers=1, num_attention_heads=2,
-                                                max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                                                pad_token_id=1)).eval()
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16,
-                                attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
-                        norm_num_groups=4, sample_size=16).eval()
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = tiny_stable_diffusion(tmp_path)
     path = tmp_path / "sd"
     pipe.save_pretrained(path)
 
@@ -143,7 +109,7 @@ def test_sample_text_to_image_pipeline(tmp_path, float32, capsys):
     _, arrays = _pngs(out)
     assert len(arrays) == 2 and all(a.shape == (8, 8, 3) for a in arrays)
 
-    loaded = StableDiffusionPipeline.from_pretrained(path)
+    loaded = type(pipe).from_pretrained(path)
     loaded.set_progress_bar_config(disable=True)
     loaded.scheduler = DPMSolveScheduler.from_config(loaded.scheduler.config, solver="dpmsolver++",
                                                      solver_options={"order": 2}, final_sigma="zero")
