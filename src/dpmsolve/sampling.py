@@ -117,6 +117,7 @@ def _solve(denoiser: Denoiser, x: torch.Tensor, solver: Solver, ts: np.ndarray, 
     state = solver.init(denoiser.schedule, ts, x.to(work), generator)
     times, trajectory, previews = [float(ts[0])], [x] if return_intermediates else None, []
     total = solver.expected_nfe(len(ts) - 1)
+    total = None if total is None else total + int(denoise_to_zero)
     bar = _progress_bar(progress, total, solver)
     step_x0 = None
     try:
