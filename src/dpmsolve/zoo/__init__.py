@@ -1,0 +1,89 @@
+"""Small trained diffusion models shipped with dpmsolve, loaded offline.
+
+>>> import torch, dpmsolve as dp
+>>> from dpmsolve import zoo
+>>> m = zoo.load("digits")                      # net (eval, float32), schedule, denoiser, ...
+>>> labels = torch.arange(10).repeat(2)
+>>> x = torch.randn(len(labels), *m.shape, generator=torch.Generator().manual_seed(0))
+>>> sol = dp.sample(zoo.guided(m, labels, scale=3.0), x, "dpmsolver++", steps=20)
+
+``digits`` is a class-conditional DDPM (noise prediction, ``DiscreteVP.linear()``, 1000 train steps) on
+scikit-learn's 8x8 digits scaled to ``[-1, 1]``; label ``10`` is the null class for classifier-free guidance.
+Reproduce the weights with ``python -m dpmsolve.zoo.train digits`` (see :mod:`dpmsolve.zoo.train`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..model import ClassifierFreeGuidance, Denoiser, wrap_model
+from ..schedules import DiscreteVP, Schedule
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MODELS = ("digits",)
+
+__all__ = ["MODELS", "ZooModel", "guided", "load", "weights_path"]
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A loaded zoo model: the network, its schedule and a ready denoiser."""
+
+    name: str
+    net: torch.nn.Module
+    schedule: Schedule
+    denoiser: Denoiser
+    num_classes: int
+    null_class: int
+    shape: tuple[int, ...]
+    metadata: dict = field(repr=False)
+
+
+def weights_path(name: str) -> Path:
+    """The packaged ``.safetensors`` file of model ``name``."""
+    if name not in MODELS:
+        raise ValueError(f"Unknown zoo model {name!r}; valid names are: {', '.join(MODELS)}.")
+    return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def _schedule(meta: dict) -> DiscreteVP:
+    if meta["schedule"] != "DiscreteVP.linear(n=1000, beta_start=1e-4, beta_end=0.02)":
+        raise ValueError(f"Unsupported zoo schedule {meta['schedule']!r}.")
+    return DiscreteVP.linear(1000, 1e-4, 0.02)
+
+
+def load(name: str) -> ZooModel:
+    """Load a shipped model by name (offline, deterministic): returns a :class:`ZooModel`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .nets import ARCHITECTURES
+
+    path = weights_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"The weights of zoo model {name!r} are missing at {path}; "
+                                f"recreate them with `python -m dpmsolve.zoo.train {name}`.")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
+        net = ARCHITECTURES[meta["architecture"]](**json.loads(meta["net_kwargs"])).float()
+    net.load_state_dict(load_file(str(path)), strict=True)
+    net = net.float().eval().requires_grad_(False)
+    schedule = _schedule(meta)
+    denoiser = wrap_model(net, schedule, prediction=meta["prediction"], time_input=meta["time_input"])
+    return ZooModel(name=name, net=net, schedule=schedule, denoiser=denoiser,
+                    num_classes=int(meta["num_classes"]), null_class=int(meta["null_class"]),
+                    shape=tuple(json.loads(meta["shape"])), metadata=meta)
+
+
+def guided(model: ZooModel, labels, scale: float = 3.0) -> ClassifierFreeGuidance:
+    """A classifier-free-guided denoiser for ``labels`` (one per sample; ``scale`` 1 = plain conditional)."""
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= model.num_classes):
+        raise ValueError(f"labels must be in [0, {model.num_classes - 1}].")
+    null = torch.full_like(labels, model.null_class)
+    return ClassifierFreeGuidance(model.denoiser, scale, cond={"y": labels}, uncond={"y": null})

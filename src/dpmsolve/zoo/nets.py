@@ -1,0 +1,94 @@
+"""Small networks for the shipped zoo models.
+
+``DigitsUNet`` is a compact two-level U-Net for 1x8x8 images. It takes ``net(x, t, y)`` with ``x`` of shape
+``(B, 1, 8, 8)`` scaled to ``[-1, 1]``, ``t`` the (fractional) DDPM train index in ``[0, 999]`` (what
+``wrap_model(time_input="discrete")`` hands it) and ``y`` integer class labels in ``[0, num_classes]``, where
+label ``num_classes`` is the "null" class used for classifier-free guidance. It returns the noise prediction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, shape ``(B, dim)``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv residual block with a FiLM (scale, shift) conditioning on the embedding."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int = 8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(F.silu(h))
+        return self.skip(x) + h
+
+
+class DigitsUNet(nn.Module):
+    """A class-conditional U-Net for 1x8x8 images: 8x8 (ch) -> 4x4 (2 ch) -> 2x2 (2 ch) and back, with skips."""
+
+    def __init__(self, num_classes: int = 10, ch: int = 32, emb_dim: int = 128, in_channels: int = 1):
+        super().__init__()
+        self.num_classes = num_classes
+        self.null_class = num_classes
+        self.ch, self.emb_dim, self.in_channels = ch, emb_dim, in_channels
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim)
+        c1, c2 = ch, 2 * ch
+        self.conv_in = nn.Conv2d(in_channels, c1, 3, padding=1)
+        self.down1 = ResBlock(c1, c1, emb_dim)                     # 8x8
+        self.pool1 = nn.Conv2d(c1, c1, 3, stride=2, padding=1)     # -> 4x4
+        self.down2 = ResBlock(c1, c2, emb_dim)                     # 4x4
+        self.pool2 = nn.Conv2d(c2, c2, 3, stride=2, padding=1)     # -> 2x2
+        self.mid1 = ResBlock(c2, c2, emb_dim)
+        self.mid2 = ResBlock(c2, c2, emb_dim)
+        self.up2 = ResBlock(c2 + c2, c2, emb_dim)                  # 4x4
+        self.up1 = ResBlock(c2 + c1, c1, emb_dim)                  # 8x8
+        self.out = ResBlock(c1 + c1, c1, emb_dim)
+        self.norm_out = nn.GroupNorm(8, c1)
+        self.conv_out = nn.Conv2d(c1, in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if y is None:
+            y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        emb = self.time_mlp(timestep_embedding(t, self.ch)) + self.label_emb(y.long())
+        emb = F.silu(emb)
+        h0 = self.conv_in(x)
+        h1 = self.down1(h0, emb)
+        h2 = self.down2(self.pool1(h1), emb)
+        h = self.pool2(h2)
+        h = self.mid2(self.mid1(h, emb), emb)
+        h = F.interpolate(h, scale_factor=2, mode="nearest")
+        h = self.up2(torch.cat([h, h2], 1), emb)
+        h = F.interpolate(h, scale_factor=2, mode="nearest")
+        h = self.up1(torch.cat([h, h1], 1), emb)
+        h = self.out(torch.cat([h, h0], 1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+ARCHITECTURES = {"DigitsUNet": DigitsUNet}
