@@ -118,11 +118,23 @@ def test_sample_text_to_image_pipeline(tmp_path, float32, capsys):
     np.testing.assert_array_equal(np.stack(arrays), _to_uint8(images))
 
 
-def test_without_pipeline_dir_says_models_are_not_shipped(capsys):
+def test_without_pipeline_or_model_says_what_to_pass(capsys):
     assert main(["sample"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == NO_PIPELINE_MESSAGE
-    assert "not available yet" in err and "diffusers pipeline" in err
+    assert "--model digits" in err and "diffusers pipeline" in err
+
+
+def test_sample_shipped_digits_model(tmp_path, capsys):
+    out = tmp_path / "digits"
+    assert main(["sample", "--model", "digits", "--steps", "5", "--batch", "3", "--label", "7",
+                 "--out", str(out)]) == 0
+    paths, arrays = _pngs(out)
+    assert len(arrays) == 3 and all(a.shape == (32, 32, 3) for a in arrays)
+    assert all("label7" in p.name for p in paths)
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", "nope", "--out", str(out)])
+    assert "shipped models: digits" in capsys.readouterr().err
 
 
 def test_errors(tmp_path, ddpm_dir, capsys):

@@ -20,11 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["SampleError", "add_arguments", "run_from_args", "sample_pipeline", "NO_PIPELINE_MESSAGE"]
+__all__ = ["SampleError", "add_arguments", "run_from_args", "sample_pipeline", "sample_zoo", "NO_PIPELINE_MESSAGE"]
 
 NO_PIPELINE_MESSAGE = (
-    "dpmsolve sample: samples of dpmsolve's own trained models are not available yet (no trained models are "
-    "shipped). Pass the directory of a diffusers pipeline saved with save_pretrained, e.g.\n"
+    "dpmsolve sample: say what to sample: a model shipped with dpmsolve (--model digits) or the directory of a "
+    "diffusers pipeline saved with save_pretrained, e.g.\n"
+    "    dpmsolve sample --model digits --guidance 3 --steps 10\n"
     "    dpmsolve sample ./my-ddpm-pipeline --steps 20 --out samples")
 
 
@@ -36,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``dpmsolve sample``."""
     parser.add_argument("pipeline_dir", nargs="?", default=None, metavar="PIPELINE_DIR",
                         help="a diffusers pipeline saved on disk (save_pretrained; loaded offline)")
+    parser.add_argument("--model", default=None,
+                        help="a model shipped with dpmsolve instead of a pipeline (see dpmsolve.zoo.MODELS)")
+    parser.add_argument("--label", type=int, default=None,
+                        help="class label for a class-conditional --model (default: cycle through the classes)")
     parser.add_argument("--solver", default="dpmsolver++",
                         help="dpmsolve solver: ddim, dpmsolver, dpmsolver++, sde-dpmsolver++, unipc "
                              "(default dpmsolver++)")
@@ -51,20 +56,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4, help="number of images (default 4)")
     parser.add_argument("--prompt", default=None, help="text prompt (text-to-image pipelines only)")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale (text-to-image pipelines; default 7.5)")
+                        help="classifier-free guidance scale (text-to-image pipelines: default 7.5; --model: 3)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default="dpmsolve-samples", help="folder for the PNGs (default ./dpmsolve-samples)")
 
 
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``dpmsolve sample`` for parsed ``args``; argument and pipeline problems go to ``parser.error``."""
-    if args.pipeline_dir is None:
+    if args.pipeline_dir is None and args.model is None:
         print(NO_PIPELINE_MESSAGE, file=sys.stderr)
         return 2
     try:
-        paths = sample_pipeline(args.pipeline_dir, solver=args.solver, order=args.order, grid=args.grid,
-                                steps=args.steps, final=args.final, seed=args.seed, batch=args.batch,
-                                prompt=args.prompt, guidance=args.guidance, out=args.out, device=args.device)
+        if args.model is not None:
+            if args.pipeline_dir is not None or args.prompt is not None:
+                raise SampleError("--model samples a shipped model: give no PIPELINE_DIR and no --prompt.")
+            paths = sample_zoo(args.model, solver=args.solver, order=args.order, grid=args.grid, steps=args.steps,
+                               final=args.final, seed=args.seed, batch=args.batch, label=args.label,
+                               guidance=args.guidance, out=args.out)
+        else:
+            paths = sample_pipeline(args.pipeline_dir, solver=args.solver, order=args.order, grid=args.grid,
+                                    steps=args.steps, final=args.final, seed=args.seed, batch=args.batch,
+                                    prompt=args.prompt, guidance=args.guidance, out=args.out, device=args.device)
     except SampleError as exc:
         parser.error(str(exc))  # exits with status 2
     size = _image_size(paths[0]) if paths else None
@@ -101,6 +113,48 @@ def _solver_options(solver: str, order: int | None) -> dict[str, Any]:
     except (ValueError, TypeError) as exc:
         raise SampleError(f"--solver {solver}: {exc}") from None
     return {}  # a solver without an order option (ddim)
+
+
+def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = None, grid: str | None = None,
+               steps: int = 20, final: str = "zero", seed: int = 0, batch: int = 4, label: int | None = None,
+               guidance: float | None = None, out: str | Path = "dpmsolve-samples") -> list[Path]:
+    """Sample a shipped model natively with ``dp.sample`` (classifier-free guidance for class-conditional
+    models) and write one PNG per image, upscaled 4x with nearest neighbours."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from . import zoo
+    from .sampling import sample
+
+    if name not in zoo.MODELS:
+        raise SampleError(f"--model {name}: unknown; shipped models: {', '.join(zoo.MODELS)}.")
+    if steps < 1 or batch < 1:
+        raise SampleError("--steps and --batch must be >= 1.")
+    model = zoo.load(name)
+    if label is not None and not 0 <= label < model.num_classes:
+        raise SampleError(f"--label must be in [0, {model.num_classes - 1}] for {name}.")
+    labels = torch.full((batch,), label) if label is not None else torch.arange(batch) % model.num_classes
+    denoiser = zoo.guided(model, labels, 3.0 if guidance is None else guidance)
+    x = torch.randn((batch, *model.shape), generator=torch.Generator().manual_seed(seed))
+    try:
+        result = sample(denoiser, x, solver, steps=steps, grid=grid or "logSNR", t_end=0.0 if final == "zero" else None,
+                        seed=seed, **_solver_options(solver, order))
+    except ValueError as exc:
+        raise SampleError(str(exc)) from None
+    images = ((result.x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        pixels = np.kron(img.reshape(img.shape[-2:]) if img.shape[0] == 1 else img.transpose(1, 2, 0),
+                         np.ones((4, 4) if img.shape[0] == 1 else (4, 4, 1), dtype=np.uint8))
+        path = out / f"sample_{i:04d}_label{int(labels[i])}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    print(f"{name}: {solver} {_solver_options(solver, order)}, {steps} NFE ({result.nfe} used), "
+          f"guidance {3.0 if guidance is None else guidance}")
+    return paths
 
 
 def _load_pipeline(pipeline_dir: str | Path):
