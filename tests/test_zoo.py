@@ -116,3 +116,74 @@ def test_training_script_smoke(tmp_path):
         state = {k: f.get_tensor(k) for k in f.keys()}
     assert meta["steps"] == "2" and meta["seed"] == "0"
     DigitsUNet(**json.loads(meta["net_kwargs"])).load_state_dict(state)
+
+
+# --- digits-flow, the classifier and the metrics ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_flow():
+    return zoo.load("digits-flow")
+
+
+def test_digits_flow_loads_offline_and_deterministically(no_network):
+    rng = torch.get_rng_state()
+    a, b = zoo.load("digits-flow"), zoo.load("digits-flow")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert zoo.weights_path("digits-flow").stat().st_size < 5 * 2**20
+    assert isinstance(a.schedule, dp.RectifiedFlow) and a.schedule.fingerprint() == dp.RectifiedFlow().fingerprint()
+    meta = a.metadata
+    assert meta["name"] == "digits-flow" and meta["schedule"] == "RectifiedFlow()"
+    assert meta["prediction"] == "flow" and meta["time_input"] == "1000t" and meta["seed"] == "0"
+    assert a.denoiser.network_time(0.5) == pytest.approx(500.0)
+    assert a.num_classes == 10 and a.null_class == 10 and a.shape == (1, 8, 8)
+    x = torch.randn(4, *a.shape, generator=torch.Generator().manual_seed(0))
+    pa, pb = a.denoiser(x, 0.5, y=torch.arange(4)), b.denoiser(x, 0.5, y=torch.arange(4))
+    assert torch.equal(pa.x0, pb.x0) and torch.equal(pa.eps, pb.eps)
+
+
+def test_classifier_loads_and_classifies_heldout_digits(no_network):
+    from dpmsolve.zoo.metrics import class_accuracy
+
+    clf = zoo.classifier()
+    assert not clf.training and zoo.weights_path("digits-classifier").stat().st_size < 5 * 2**20
+    x, y = digits_data("test")
+    with torch.no_grad():
+        assert clf(x).shape == (len(y), 10)
+    assert class_accuracy(x, y) > 0.9
+
+
+def test_digits_fd_separates_real_digits_from_blurred_noise():
+    from dpmsolve.zoo.metrics import digits_fd
+
+    x, _ = digits_data("test")
+    noise = torch.randn(len(x), 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None, :] / 16).view(1, 1, 3, 3)
+    blurred = torch.nn.functional.conv2d(noise, kernel, padding=1).clamp(-1, 1)
+    fd_real, fd_noise = digits_fd(x), digits_fd(blurred)
+    assert fd_real < 0.2 * fd_noise, (fd_real, fd_noise)
+
+
+def test_guided_flow_samples_are_classified_as_their_labels(digits_flow):
+    from dpmsolve.zoo.metrics import class_accuracy
+
+    labels = torch.arange(10).repeat(2)
+    x = torch.randn(len(labels), *digits_flow.shape, generator=torch.Generator().manual_seed(0))
+    s = dp.sample(zoo.guided(digits_flow, labels, 3.0), x, "dpmsolver++", steps=10, progress=False).x
+    assert torch.isfinite(s).all()
+    assert class_accuracy(s, labels) >= 0.8
+
+
+@pytest.mark.parametrize("name", ["digits-flow", "digits-classifier"])
+def test_training_script_smoke_other_models(tmp_path, name):
+    from safetensors import safe_open
+
+    from dpmsolve.zoo.nets import ARCHITECTURES
+    from dpmsolve.zoo.train import TRAINERS
+
+    out = TRAINERS[name](steps=2, out=tmp_path / "m.safetensors", log_every=1, threads=1)
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["name"] == name and meta["steps"] == "2" and meta["seed"] == "0"
+    ARCHITECTURES[meta["architecture"]](**json.loads(meta["net_kwargs"])).load_state_dict(state)

@@ -9,7 +9,12 @@
 
 ``digits`` is a class-conditional DDPM (noise prediction, ``DiscreteVP.linear()``, 1000 train steps) on
 scikit-learn's 8x8 digits scaled to ``[-1, 1]``; label ``10`` is the null class for classifier-free guidance.
-Reproduce the weights with ``python -m dpmsolve.zoo.train digits`` (see :mod:`dpmsolve.zoo.train`).
+``digits-flow`` is the same network and data trained as a rectified flow (``RectifiedFlow()``, velocity
+``eps - x0`` prediction, network time input ``1000 t``).
+``classifier()`` is a small CNN classifier of the same digits, used by :mod:`dpmsolve.zoo.metrics`
+(``class_accuracy``, ``digits_fd``).
+Reproduce the weights with ``python -m dpmsolve.zoo.train NAME`` (NAME: ``digits``, ``digits-flow``,
+``digits-classifier``; see :mod:`dpmsolve.zoo.train`).
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ from pathlib import Path
 import torch
 
 from ..model import ClassifierFreeGuidance, Denoiser, wrap_model
-from ..schedules import DiscreteVP, Schedule
+from ..schedules import DiscreteVP, RectifiedFlow, Schedule
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-MODELS = ("digits",)
+MODELS = ("digits", "digits-flow")
+CLASSIFIERS = ("digits-classifier",)
 
-__all__ = ["MODELS", "ZooModel", "guided", "load", "weights_path"]
+__all__ = ["CLASSIFIERS", "MODELS", "ZooModel", "classifier", "guided", "load", "weights_path"]
 
 
 @dataclass(frozen=True)
@@ -45,19 +51,21 @@ class ZooModel:
 
 def weights_path(name: str) -> Path:
     """The packaged ``.safetensors`` file of model ``name``."""
-    if name not in MODELS:
-        raise ValueError(f"Unknown zoo model {name!r}; valid names are: {', '.join(MODELS)}.")
+    if name not in MODELS + CLASSIFIERS:
+        raise ValueError(f"Unknown zoo model {name!r}; valid names are: {', '.join(MODELS + CLASSIFIERS)}.")
     return WEIGHTS_DIR / f"{name}.safetensors"
 
 
-def _schedule(meta: dict) -> DiscreteVP:
-    if meta["schedule"] != "DiscreteVP.linear(n=1000, beta_start=1e-4, beta_end=0.02)":
-        raise ValueError(f"Unsupported zoo schedule {meta['schedule']!r}.")
-    return DiscreteVP.linear(1000, 1e-4, 0.02)
+def _schedule(meta: dict) -> Schedule:
+    if meta["schedule"] == "DiscreteVP.linear(n=1000, beta_start=1e-4, beta_end=0.02)":
+        return DiscreteVP.linear(1000, 1e-4, 0.02)
+    if meta["schedule"] == "RectifiedFlow()":
+        return RectifiedFlow()
+    raise ValueError(f"Unsupported zoo schedule {meta['schedule']!r}.")
 
 
-def load(name: str) -> ZooModel:
-    """Load a shipped model by name (offline, deterministic): returns a :class:`ZooModel`."""
+def _load_net(name: str) -> tuple[torch.nn.Module, dict]:
+    """The eval-mode float32 network stored for ``name`` and its metadata (offline, caller's RNG untouched)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -72,12 +80,27 @@ def load(name: str) -> ZooModel:
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
         net = ARCHITECTURES[meta["architecture"]](**json.loads(meta["net_kwargs"])).float()
     net.load_state_dict(load_file(str(path)), strict=True)
-    net = net.float().eval().requires_grad_(False)
+    return net.float().eval().requires_grad_(False), meta
+
+
+def load(name: str) -> ZooModel:
+    """Load a shipped model by name (offline, deterministic): returns a :class:`ZooModel`."""
+    if name not in MODELS:
+        raise ValueError(f"Unknown zoo model {name!r}; valid names are: {', '.join(MODELS)}.")
+    net, meta = _load_net(name)
     schedule = _schedule(meta)
     denoiser = wrap_model(net, schedule, prediction=meta["prediction"], time_input=meta["time_input"])
     return ZooModel(name=name, net=net, schedule=schedule, denoiser=denoiser,
                     num_classes=int(meta["num_classes"]), null_class=int(meta["null_class"]),
                     shape=tuple(json.loads(meta["shape"])), metadata=meta)
+
+
+def classifier(name: str = "digits-classifier") -> torch.nn.Module:
+    """The shipped digits classifier (eval mode, float32): logits of ``(B, 1, 8, 8)`` images in ``[-1, 1]``;
+    ``.features(x)`` gives its penultimate-layer features. Offline and deterministic like :func:`load`."""
+    if name not in CLASSIFIERS:
+        raise ValueError(f"Unknown zoo classifier {name!r}; valid names are: {', '.join(CLASSIFIERS)}.")
+    return _load_net(name)[0]
 
 
 def guided(model: ZooModel, labels, scale: float = 3.0) -> ClassifierFreeGuidance:

@@ -91,4 +91,27 @@ class DigitsUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-ARCHITECTURES = {"DigitsUNet": DigitsUNet}
+class DigitsClassifier(nn.Module):
+    """A small CNN classifier of 1x8x8 digits in ``[-1, 1]``: returns logits; ``features(x)`` gives the
+    penultimate-layer activations (``feat_dim`` values) used by :func:`dpmsolve.zoo.metrics.digits_fd`."""
+
+    def __init__(self, num_classes: int = 10, ch: int = 32, feat_dim: int = 64):
+        super().__init__()
+        self.num_classes, self.ch, self.feat_dim = num_classes, ch, feat_dim
+        self.body = nn.Sequential(
+            nn.Conv2d(1, ch, 3, padding=1), nn.GroupNorm(8, ch), nn.SiLU(),
+            nn.Conv2d(ch, ch, 3, padding=1), nn.GroupNorm(8, ch), nn.SiLU(),
+            nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * ch), nn.SiLU(),   # 4x4
+            nn.Conv2d(2 * ch, 2 * ch, 3, padding=1), nn.GroupNorm(8, 2 * ch), nn.SiLU(),
+            nn.Flatten(), nn.Linear(2 * ch * 16, feat_dim), nn.SiLU(),
+        )
+        self.head = nn.Linear(feat_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+ARCHITECTURES = {"DigitsUNet": DigitsUNet, "DigitsClassifier": DigitsClassifier}

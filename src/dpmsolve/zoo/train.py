@@ -1,6 +1,9 @@
-"""Train the shipped zoo models on the CPU: ``python -m dpmsolve.zoo.train digits [--steps N] [--minutes M] [--out PATH]``.
+"""Train the shipped zoo models on the CPU: ``python -m dpmsolve.zoo.train NAME [--steps N] [--minutes M] [--out PATH]``.
 
-``digits`` (the only model so far): a class-conditional :class:`~dpmsolve.zoo.nets.DigitsUNet` on scikit-learn's
+NAME is ``digits``, ``digits-flow`` or ``digits-classifier``; all three use the same training loop
+(``train_digits``), parametrised by a config dict whose ``family`` picks the loss (``_family``).
+
+``digits``: a class-conditional :class:`~dpmsolve.zoo.nets.DigitsUNet` on scikit-learn's
 bundled 8x8 digits (pixel values 0..16 scaled to ``[-1, 1]``), with
 
 - the DDPM linear-beta schedule ``DiscreteVP.linear()`` (1000 train steps, betas 1e-4 .. 0.02);
@@ -16,6 +19,17 @@ Everything is seeded (``--seed``, default 0) and runs single-process on the CPU 
 command reproduces the shipped weights' quality (bit-exact reproduction also needs the same torch build).
 The shipped ``weights/digits.safetensors`` came from ``python -m dpmsolve.zoo.train digits`` (defaults).
 ``--minutes`` caps the wall time (training stops early, and the metadata records the steps actually run).
+``--threads`` sets the CPU threads (default 2; 1 is much faster on a machine busy with other work).
+
+``digits-flow`` (``DIGITS_FLOW_CONFIG``): the same network, data, label dropout, optimizer, EMA and split, trained
+as a rectified flow (``RectifiedFlow()``: ``x_t = (1 - t) x0 + t eps``, ``t ~ U(0, 1)``) with the velocity loss
+``|v_theta(x_t, 1000 t, y) - (eps - x0)|^2`` (``flow_loss``), 3500 steps; loads as
+``wrap_model(net, RectifiedFlow(), prediction="flow", time_input="1000t")``. The shipped weights came from
+``python -m dpmsolve.zoo.train digits-flow --threads 1`` (the thread count does not change the random stream).
+
+``digits-classifier`` (``DIGITS_CLASSIFIER_CONFIG``): the small CNN ``DigitsClassifier`` used by
+:mod:`dpmsolve.zoo.metrics`, trained with cross-entropy on randomly +-1-pixel-shifted training digits (no label
+dropout, EMA 0.99, 1200 steps); the metadata records its held-out accuracy.
 """
 
 from __future__ import annotations
@@ -51,6 +65,40 @@ DIGITS_CONFIG = {
     "warmup": 200,
     "ema_decay": 0.999,
     "steps": 9500,
+    "family": "eps",
+}
+
+# The same network and recipe as a rectified-flow model: x_t = (1 - t) x0 + t eps with t ~ U(0, 1), the network
+# predicts the velocity eps - x0 from (x_t, 1000 t, y).
+DIGITS_FLOW_CONFIG = {
+    **DIGITS_CONFIG,
+    "name": "digits-flow",
+    "schedule": "RectifiedFlow()",
+    "prediction": "flow",
+    "time_input": "1000t",
+    "family": "flow",
+    "time_sampling": "uniform",
+    "steps": 3500,
+}
+
+# A small CNN classifier of the 8x8 digits (used by dpmsolve.zoo.metrics), trained with the same loop:
+# cross-entropy on lightly augmented training digits (random +-1 pixel shifts), no label dropout.
+DIGITS_CLASSIFIER_CONFIG = {
+    "name": "digits-classifier",
+    "family": "classifier",
+    "architecture": "DigitsClassifier",
+    "net_kwargs": {"num_classes": 10, "ch": 32, "feat_dim": 64},
+    "num_classes": 10,
+    "shape": [1, 8, 8],
+    "data": DIGITS_CONFIG["data"],
+    "augment": "random shift by -1..1 pixels (zero = -1 padding)",
+    "label_dropout": 0.0,
+    "null_class": 10,
+    "batch_size": 128,
+    "lr": 2e-3,
+    "warmup": 50,
+    "ema_decay": 0.99,
+    "steps": 1200,
 }
 
 
@@ -91,17 +139,69 @@ def eps_loss(net, x0, y, alphas, sigmas, generator=None, n=None):
     return (net(a * x0 + s * eps, n.float(), y) - eps).pow(2).mean()
 
 
+def flow_loss(net, x0, y, generator=None, t=None):
+    """The rectified-flow loss ``mean |net((1 - t) x0 + t eps, 1000 t, y) - (eps - x0)|^2`` (t ~ U(0, 1) unless given)."""
+    if t is None:
+        t = torch.rand((x0.shape[0],), generator=generator, dtype=x0.dtype)
+    t = torch.as_tensor(t, dtype=x0.dtype).expand(x0.shape[0])
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    tt = t.view(-1, 1, 1, 1)
+    return (net((1 - tt) * x0 + tt * eps, 1000.0 * t, y) - (eps - x0)).pow(2).mean()
+
+
+def random_shift(x, generator=None, max_shift: int = 1):
+    """Shift each image by a random integer offset in ``[-max_shift, max_shift]`` per axis, padding with -1."""
+    b, _, h, w = x.shape
+    pad = torch.nn.functional.pad(x, (max_shift,) * 4, value=-1.0)
+    off = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator)
+    return torch.stack([pad[i, :, off[i, 0]:off[i, 0] + h, off[i, 1]:off[i, 1] + w] for i in range(b)])
+
+
+def classifier_loss(net, x0, y, generator=None):
+    """Cross-entropy of the classifier on randomly shifted images."""
+    return torch.nn.functional.cross_entropy(net(random_shift(x0, generator)), y)
+
+
+def _family(cfg):
+    """``(train_loss(net, x0, y, generator), heldout_metric(net, x, y) -> (name, value))`` of a model family."""
+    family = cfg.get("family", "eps")
+    if family == "eps":
+        alphas, sigmas = schedule_tables(DiscreteVP.linear())
+
+        def heldout(net, x, y):
+            g = torch.Generator().manual_seed(1234)
+            return "heldout_loss", float(np.mean([eps_loss(net, x, y, alphas, sigmas, generator=g).item()
+                                                  for _ in range(20)]))
+
+        return (lambda net, x0, y, generator: eps_loss(net, x0, y, alphas, sigmas, generator=generator)), heldout
+    if family == "flow":
+        def heldout(net, x, y):
+            g = torch.Generator().manual_seed(1234)
+            return "heldout_loss", float(np.mean([flow_loss(net, x, y, generator=g).item() for _ in range(20)]))
+
+        return flow_loss, heldout
+    if family == "classifier":
+        def heldout(net, x, y):
+            return "heldout_accuracy", float((net(x).argmax(1) == y).float().mean())
+
+        return classifier_loss, heldout
+    raise ValueError(f"Unknown model family {family!r}.")
+
+
 def train_digits(steps: int | None = None, minutes: float | None = None, out: Path | None = None, seed: int = 0,
-                 log_every: int = 250) -> Path:
-    """Train the digits model (recipe in the module docstring) and save the EMA weights; returns the path."""
-    cfg = dict(DIGITS_CONFIG)
+                 log_every: int = 250, config: dict | None = None, threads: int = 2) -> Path:
+    """Train the digits model (recipe in the module docstring) and save the EMA weights; returns the path.
+
+    ``config`` picks the model (default ``DIGITS_CONFIG``; ``DIGITS_FLOW_CONFIG``, ``DIGITS_CLASSIFIER_CONFIG``).
+    """
+    cfg = dict(config or DIGITS_CONFIG)
     steps = int(steps or cfg["steps"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         return _train_digits(cfg, steps, minutes, out, seed, log_every)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
 
 
 def _train_digits(cfg, steps, minutes, out, seed, log_every):
@@ -114,8 +214,7 @@ def _train_digits(cfg, steps, minutes, out, seed, log_every):
     gen = torch.Generator().manual_seed(seed)
 
     x_train, y_train = digits_data("train")
-    schedule = DiscreteVP.linear()
-    alphas, sigmas = schedule_tables(schedule)
+    train_loss, heldout_metric = _family(cfg)
     net = ARCHITECTURES[cfg["architecture"]](**cfg["net_kwargs"]).float()
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=0.0)
@@ -128,14 +227,14 @@ def _train_digits(cfg, steps, minutes, out, seed, log_every):
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     n_params = sum(p.numel() for p in net.parameters())
-    print(f"digits: {n_params} parameters, {len(y_train)} training images, {steps} steps", flush=True)
+    print(f"{cfg['name']}: {n_params} parameters, {len(y_train)} training images, {steps} steps", flush=True)
     start, running, done = time.time(), None, 0
     for i in range(steps):
         idx = torch.randint(0, len(y_train), (cfg["batch_size"],), generator=gen)
         x0, y = x_train[idx], y_train[idx].clone()
         drop = torch.rand(y.shape, generator=gen) < cfg["label_dropout"]
         y[drop] = cfg["null_class"]
-        loss = eps_loss(net, x0, y, alphas, sigmas, generator=gen)
+        loss = train_loss(net, x0, y, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -155,23 +254,21 @@ def _train_digits(cfg, steps, minutes, out, seed, log_every):
             break
     train_seconds = time.time() - start
 
-    # Held-out loss of the EMA net (fixed noise), recorded in the metadata.
+    # Held-out loss (fixed noise) or accuracy of the EMA net, recorded in the metadata.
     x_test, y_test = digits_data("test")
-    g = torch.Generator().manual_seed(1234)
     ema.eval()
     with torch.no_grad():
-        test_loss = float(np.mean([eps_loss(ema, x_test, y_test, alphas, sigmas, generator=g).item()
-                                   for _ in range(20)]))
-    print(f"held-out eps loss (EMA net): {test_loss:.4f}", flush=True)
+        metric, value = heldout_metric(ema, x_test, y_test)
+    print(f"{metric} (EMA net): {value:.4f}", flush=True)
 
-    out = Path(out) if out else WEIGHTS_DIR / "digits.safetensors"
+    out = Path(out) if out else WEIGHTS_DIR / f"{cfg['name']}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in cfg.items()}
     meta.update({
         "steps": str(done),
         "train_seconds": f"{train_seconds:.0f}",
         "final_loss": f"{running:.5f}",
-        "heldout_loss": f"{test_loss:.5f}",
+        metric: f"{value:.5f}",
         "seed": str(seed),
         "num_params": str(n_params),
         "torch_version": torch.__version__,
@@ -183,7 +280,18 @@ def _train_digits(cfg, steps, minutes, out, seed, log_every):
     return out
 
 
-TRAINERS = {"digits": train_digits}
+def train_digits_flow(**kwargs) -> Path:
+    """Train the rectified-flow digits model (``DIGITS_FLOW_CONFIG``) with the same loop."""
+    return train_digits(config=DIGITS_FLOW_CONFIG, **kwargs)
+
+
+def train_classifier(**kwargs) -> Path:
+    """Train the digits classifier (``DIGITS_CLASSIFIER_CONFIG``) with the same loop."""
+    kwargs.setdefault("log_every", 100)
+    return train_digits(config=DIGITS_CLASSIFIER_CONFIG, **kwargs)
+
+
+TRAINERS = {"digits": train_digits, "digits-flow": train_digits_flow, "digits-classifier": train_classifier}
 
 
 def main(argv=None) -> None:
@@ -193,8 +301,9 @@ def main(argv=None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="stop after this much wall time")
     parser.add_argument("--out", type=Path, default=None, help="output .safetensors (default: the package's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (1 is faster on a busy machine)")
     args = parser.parse_args(argv)
-    TRAINERS[args.name](steps=args.steps, minutes=args.minutes, out=args.out, seed=args.seed)
+    TRAINERS[args.name](steps=args.steps, minutes=args.minutes, out=args.out, seed=args.seed, threads=args.threads)
 
 
 if __name__ == "__main__":
