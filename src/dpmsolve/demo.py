@@ -117,6 +117,12 @@ def plot_digits(result: DemoResult, path: Path, nfes=DEMO_NFES) -> Path:
             ax.axis("off")
     fig.suptitle("dpmsolve demo: shipped digits model, classifier-free guidance 3, same noise for every solver",
                  fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -160,11 +166,7 @@ def plot_demo(result: DemoResult, path: Path, nfes=DEMO_NFES) -> Path:
         ax.tick_params(labelsize=6)
     fig.suptitle("dpmsolve demo: 8-mode Gaussian mixture, DDPM linear schedule, same noise for every solver",
                  fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def main(out: str = "dpmsolve-demo", n: int = 1000, plot: bool = True) -> DemoResult:
