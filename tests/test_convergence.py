@@ -107,7 +107,12 @@ def measure_slope(kind: str, schedule_name: str, name: str, opts: dict, grid: st
     solver = dp.get_solver(name, **opts)
     if steps is None:
         steps = SLOW_3M_STEPS if _is_reference_3m(opts) else (GAUSS_STEPS if kind == "gaussian" else MIXTURE_STEPS)
-    denoiser = problem.denoiser(schedule)
+    slope, errors = fitted_slope(problem.denoiser(schedule), x, solver, steps, grid, t0, t1, truth)
+    return solver.order, slope, steps, errors
+
+
+def fitted_slope(denoiser, x, solver, steps, grid, t0, t1, truth):
+    """(least-squares slope of log max-error against log step size, the errors) over ``steps``."""
     errors = []
     for n in steps:
         sol = dp.sample(denoiser, x, solver, steps=n, grid=grid, t_start=t0, t_end=t1, progress=False)
@@ -115,7 +120,7 @@ def measure_slope(kind: str, schedule_name: str, name: str, opts: dict, grid: st
         errors.append((sol.x - truth).abs().max().item())
     errors = np.array(errors)
     slope = np.polyfit(np.log(1.0 / np.array(steps, dtype=np.float64)), np.log(errors), 1)[0]
-    return solver.order, float(slope), steps, errors
+    return float(slope), errors
 
 
 def _check(order, slope, steps, errors):

@@ -36,8 +36,9 @@ import dpmsolve as dp
 from dpmsolve.lab import PointMass, reference_solution
 from dpmsolve.solvers._exponential import Rule
 
-from test_convergence import GAUSS_STEPS, MIXTURE_STEPS, TOLERANCE, _problem_setup  # noqa: I001
+from test_convergence import GAUSS_STEPS, MIXTURE_STEPS, TOLERANCE, _problem_setup, fitted_slope  # noqa: I001
 from test_exactness import PolynomialDenoiser, _poly_coeffs, _start
+from test_protocol import Counting
 
 EXACT = 1e-10
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' np.array
@@ -206,14 +207,7 @@ def measure(kind: str, schedule_name: str, name: str, opts: dict, steps=None, gr
     if kind == "mixture" and max(steps) > max(MIXTURE_STEPS):
         truth = _tight_mixture_truth()
     solver = dp.get_solver(name, **opts)
-    denoiser = problem.denoiser(schedule)
-    errors = []
-    for n in steps:
-        sol = dp.sample(denoiser, x, solver, steps=n, grid=grid, t_start=t0, t_end=t1, progress=False)
-        assert sol.nfe == n
-        errors.append((sol.x - truth).abs().max().item())
-    errors = np.array(errors)
-    slope = float(np.polyfit(np.log(1.0 / np.array(steps, dtype=np.float64)), np.log(errors), 1)[0])
+    slope, errors = fitted_slope(problem.denoiser(schedule), x, solver, steps, grid, t0, t1, truth)
     return solver.order, slope, steps, errors
 
 
@@ -425,15 +419,6 @@ def _gauss_problem():
     return schedule, data.denoiser(schedule), x
 
 
-class Counting(dp.Denoiser):
-    """Counts the model calls that reach the wrapped denoiser."""
-
-    def __init__(self, inner: dp.Denoiser):
-        self.inner, self.schedule, self.calls = inner, inner.schedule, 0
-
-    def __call__(self, x, t, **model_kwargs):
-        self.calls += 1
-        return self.inner(x, t, **model_kwargs)
 
 
 PROTOCOL = [dict(order=p, variant=v) for p in (1, 2, 3) for v in ("bh1", "bh2")] + [
