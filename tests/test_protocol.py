@@ -37,6 +37,9 @@ REPRESENTATIVE: list[tuple[str, dict]] = [
     *[("unipc", {"order": order}) for order in (1, 2, 3)],
     ("unipc", {"order": 2, "variant": "bh1", "predict": "noise", "disable_corrector": (1,)}),
     ("dpmsolver++", {"order": 2, "corrector": "unic"}),
+    ("dpmsolver-v3", {"ems": "degenerate"}),
+    ("dpmsolver-v3", {"ems": "degenerate", "order": 3, "predictor_pseudo": True, "corrector_pseudo": True,
+                      "half": "noisy", "lower_order_final": True}),
 ]
 CONFIGS = REPRESENTATIVE + [(name, {}) for name in dp.SOLVERS if name not in {n for n, _ in REPRESENTATIVE}]
 
@@ -98,7 +101,7 @@ def test_declared_facts(config):
     assert isinstance(solver.order, int) and not isinstance(solver.order, bool) and solver.order >= 1
     assert isinstance(solver.stochastic, bool)
     assert isinstance(solver.adaptive, bool)
-    assert solver.integrates in {"x0", "eps"}
+    assert solver.integrates in {"x0", "eps", "g"}  # g: DPM-Solver-v3's EMS parametrisation
     name, options = config
     if "order" in options:  # the declared convergence order never exceeds the requested one (+1 with a corrector)
         assert solver.order <= options["order"] + (getattr(solver, "corrector", None) is not None)

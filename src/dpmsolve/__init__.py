@@ -13,6 +13,7 @@ from .model import (
     Prediction as Prediction,
     wrap_model as wrap_model,
 )
+from . import ems as ems
 from .sampling import NonFiniteError as NonFiniteError, Solution as Solution, StepInfo as StepInfo
 from .sampling import invert as invert, sample as sample
 from .schedules import (
@@ -29,6 +30,7 @@ from .solvers import (
     AdaptiveDPMSolver as AdaptiveDPMSolver,
     DPMSolverMultistep as DPMSolverMultistep,
     DPMSolverSinglestep as DPMSolverSinglestep,
+    DPMSolverV3 as DPMSolverV3,
     SDEDPMSolverPP as SDEDPMSolverPP,
     Solver as Solver,
     UniPC as UniPC,

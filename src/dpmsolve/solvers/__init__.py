@@ -9,9 +9,11 @@ from .adaptive import AdaptiveDPMSolver
 from .base import Correction, FixedGridSolver, Solver, Stage, State
 from .dpm_solver import DDIM, DPMSolverMultistep, DPMSolverSinglestep, SDEDPMSolverPP, fast_orders
 from .unipc import UniPC
+from .v3 import DPMSolverV3
 
 __all__ = ["SOLVERS", "get_solver", "Solver", "FixedGridSolver", "State", "Stage", "DDIM", "DPMSolverMultistep",
-           "DPMSolverSinglestep", "SDEDPMSolverPP", "AdaptiveDPMSolver", "UniPC", "Correction", "fast_orders"]
+           "DPMSolverSinglestep", "SDEDPMSolverPP", "AdaptiveDPMSolver", "UniPC", "DPMSolverV3", "Correction",
+           "fast_orders"]
 
 _METHODS = {"multistep": DPMSolverMultistep, "singlestep": DPMSolverSinglestep, "adaptive": AdaptiveDPMSolver}
 
@@ -31,6 +33,7 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "dpmsolver++": _dpm_family("data"),    # DPM-Solver++ (Lu et al. 2022b), data prediction
     "sde-dpmsolver++": SDEDPMSolverPP,
     "unipc": UniPC,                        # UniPC (Zhao et al. 2023): UniP predictor + UniC corrector
+    "dpmsolver-v3": DPMSolverV3,           # DPM-Solver-v3 (Zheng et al. 2023): needs the model's EMS
 }
 
 

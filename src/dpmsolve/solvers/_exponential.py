@@ -91,12 +91,17 @@ class Rule(enum.Enum):
     B(h) cancels and the update IS the TAYLOR one. With two points (UniP-2, UniC-1) the paper and its
     reference fix ``a = 1/2`` instead, and B(h) matters: BH2 is then DPMSOLVER's ``W0/2`` rule, BH1 weights
     the difference by ``c_t h / 2``.
+
+    PSEUDO (DPM-Solver-v3's pseudo-order, Zheng et al. 2023, Thm. 3.4): the k-th derivative is k! times the
+    Newton divided difference of the first k + 1 points only (see ``derivative_matrix``); the formal order is
+    lost beyond 2 points, in exchange for stability at very few steps.
     """
 
     TAYLOR = "taylor"
     DPMSOLVER = "dpmsolver"
     BH1 = "bh1"
     BH2 = "bh2"
+    PSEUDO = "pseudo"
 
 
 @dataclass(frozen=True)
@@ -166,12 +171,34 @@ def interpolation_coefficients(rhos: Sequence[float], w: np.ndarray) -> np.ndarr
     return np.linalg.solve(vander.T, w[:p])
 
 
+def derivative_matrix(rhos: Sequence[float], pseudo: bool = False) -> np.ndarray:
+    """D with ``h^k m^(k)(lambda_s) ~= sum_j D[k, j] m_j`` for predictions m_j at ``lambda_s + rho_j h``
+    (``rhos[0] == 0``).
+
+    ``pseudo=False``: the derivatives of the interpolating polynomial (the inverse Vandermonde matrix; exact for
+    polynomials of degree < len(rhos)). ``pseudo=True``: ``k!`` times the divided difference of the first k + 1
+    points (DPM-Solver-v3's pseudo-order estimate).
+    """
+    rhos = np.asarray(rhos, dtype=np.float64)
+    p = rhos.size
+    if not pseudo:
+        vander = np.stack([rhos**k / math.factorial(k) for k in range(p)], axis=1)
+        return np.linalg.inv(vander)
+    d = np.zeros((p, p))
+    for k in range(p):
+        for j in range(k + 1):
+            d[k, j] = math.factorial(k) / np.prod([rhos[j] - rhos[m] for m in range(k + 1) if m != j])
+    return d
+
+
 def step_coefficients(form: Form, s: Node, t: Node, rhos: Sequence[float], rule: Rule = Rule.TAYLOR):
     """(A, c): the update ``x_t = A x_s + sum_j c_j m_j`` from predictions m_j at lambda_s + rho_j h."""
     p = len(rhos)
     a, w = form.linear_and_weights(s, t, p)
     if rule is Rule.TAYLOR or p == 1:
         return a, interpolation_coefficients(rhos, w)
+    if rule is Rule.PSEUDO:
+        return a, w @ derivative_matrix(rhos, pseudo=True)
     if p == 2:  # m0 + (B~/2) (m1 - m0) / rho1, B~ = W0 (DPMSOLVER, BH2) or W0 / phi_1(z) = c h (BH1)
         b = w[0] / phi(1, form.exponent(s, t)) if rule is Rule.BH1 else w[0]
         half = 0.5 * b / rhos[1]
@@ -185,18 +212,24 @@ def step_coefficients(form: Form, s: Node, t: Node, rhos: Sequence[float], rule:
     raise ValueError(f"solver_type 'dpmsolver' is defined for orders 1-3, not {p}.")
 
 
-def combine(a: float, x: torch.Tensor, coeffs: Sequence[float], ms: Sequence[torch.Tensor]) -> torch.Tensor:
-    """a * x + sum_j coeffs[j] * ms[j], skipping zero coefficients; a new tensor (the inputs are not touched).
+def combine(a, x: torch.Tensor, coeffs: Sequence, ms: Sequence[torch.Tensor], offset: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """a * x + sum_j coeffs[j] * ms[j] (+ offset), skipping zero coefficients; a new tensor (inputs untouched).
 
+    Coefficients are host floats, or tensors broadcastable to x (per-element coefficients, as DPM-Solver-v3's).
     The sums accumulate in place on the fresh product ``x * a`` (one allocation per step instead of one per
     term), with the same kernels and order as the out-of-place form, so results are bitwise identical. A term
     that would promote the dtype or broadcast the shape falls back to the out-of-place add.
     """
     out = x * a
     for c, m in zip(coeffs, ms):
-        if c != 0.0:
+        if isinstance(c, torch.Tensor):
+            out = out.addcmul_(m, c) if m.shape == out.shape and m.dtype == out.dtype else out + c * m
+        elif c != 0.0:
             if m.dtype == out.dtype and m.shape == out.shape:
                 out.add_(m, alpha=float(c))
             else:
                 out = out.add(m, alpha=float(c))
+    if offset is not None:
+        out = out.add_(offset) if out.dtype == offset.dtype else out + offset
     return out

@@ -9,7 +9,7 @@ How to add a solver:
      ``_stages(steps)``: for each grid index, which earlier evaluations the update uses and whether it lands on
      the solution (a completed step) or on an intermediate stage point. The coefficients come from
      ``_exponential``; do not write update formulas by hand. Or subclass :class:`Solver` for anything else.
-     Optionally write ``_correctors(stages)`` (default: none) to correct the solution at a grid index when its
+     Optionally write ``_correctors(stages, nodes)`` (default: none) to correct the solution at a grid index when its
      evaluation arrives, before the step from it (a predict-evaluate-correct corrector such as UniC; see
      :class:`Correction` and :func:`pec_correctors`).
   2. Declare ``order`` (the convergence order the configuration really has), ``stochastic`` and
@@ -85,6 +85,7 @@ class Correction(NamedTuple):
     points: tuple[int, ...]
     a: float
     coeffs: tuple[float, ...]
+    offset: torch.Tensor | None = None
 
 
 class Stage(NamedTuple):
@@ -92,7 +93,9 @@ class Stage(NamedTuple):
 
     The model is evaluated at grid index ``i`` (at the solution, or at an intermediate point of a singlestep
     method); the optional ``corrector`` then replaces the solution at ``i``, and
-    ``x_{i+1} = a * x_anchor + sum_j coeffs[j] * m[points[j]] + noise_std * z``.
+    ``x_{i+1} = a * x_anchor + sum_j coeffs[j] * m[points[j]] (+ offset) + noise_std * z``. The coefficients
+    are host floats, or tensors broadcastable to x (per-element statistics, DPM-Solver-v3); ``aux`` is what the
+    solver needs to turn the evaluation at ``i`` into its integrand (see ``FixedGridSolver._integrand``).
     """
 
     anchor: int
@@ -103,6 +106,8 @@ class Stage(NamedTuple):
     completes: bool
     keep_from: int  # the oldest grid index any later stage reads: older predictions can be dropped
     corrector: Correction | None = None
+    offset: torch.Tensor | None = None
+    aux: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -151,10 +156,32 @@ class FixedGridSolver(Solver):
     def _step_form(self, s: Node, t: Node) -> Form:
         return self._form()
 
-    def _correctors(self, stages) -> list[tuple[int, tuple[int, ...], Rule] | None]:
-        """Per grid index i < steps, given ``_stages``: None, or the corrector (anchor, points with the anchor
+    def _correctors(self, stages, nodes) -> list[tuple[int, tuple[int, ...], Rule] | None]:
+        """Per grid index i < steps, given ``_stages`` and the grid's nodes: None, or the corrector (anchor, points with the anchor
         first, rule) of the solution at i, applied when its evaluation arrives (see :func:`pec_correctors`)."""
         return [None] * len(stages)
+
+    def _update(self, nodes: tuple[Node, ...], anchor: int, points: tuple[int, ...], end: int, rule: Rule):
+        """(a, coeffs, noise_std, offset) of the update from ``nodes[anchor]`` to ``nodes[end]`` through the
+        predictions at ``points`` (the shared exponential-integrator coefficients of ``_exponential``)."""
+        s, t = nodes[anchor], nodes[end]
+        form = self._step_form(s, t)
+        h = t.lam - s.lam
+        a, coeffs = step_coefficients(form, s, t, [(nodes[j].lam - s.lam) / h for j in points], rule)
+        return a, tuple(float(c) for c in coeffs), form.noise_std(s, t), None
+
+    def _to_zero(self, nodes: tuple[Node, ...], i: int):
+        """(a, coeffs, offset) of the jump from ``nodes[i]`` to sigma = 0 through the prediction at i."""
+        a, coeffs = self._form().to_zero(nodes[i])
+        return a, coeffs, None
+
+    def _aux(self, nodes: tuple[Node, ...], i: int):
+        """Per grid index data for ``_integrand`` (None: the integrand is the prediction itself)."""
+        return None
+
+    def _integrand(self, stage: Stage, x_eval: torch.Tensor, pred: Prediction) -> torch.Tensor:
+        """What the updates combine, from the evaluation ``pred`` at ``x_eval``: x0 or eps by default."""
+        return self._form().pick(pred)
 
     def plan(self, schedule: Schedule, ts) -> tuple[tuple[Node, ...], tuple[Stage, ...]]:
         """Nodes and stages for the grid ``ts``. A grid ending at t = 0 (sigma = 0) ends with the jump to the x0
@@ -163,44 +190,44 @@ class FixedGridSolver(Solver):
         to_zero = ts.size >= 2 and ts[-1] == 0.0
         nodes = tuple(Node.at(schedule, float(t)) for t in (ts[:-1] if to_zero else ts))
         nodes += (Node.zero(),) if to_zero else ()
-
-        def update(anchor: int, points, end: int, rule: Rule):
-            s, t = nodes[anchor], nodes[end]
-            form = self._step_form(s, t)
-            h = t.lam - s.lam
-            a, coeffs = step_coefficients(form, s, t, [(nodes[j].lam - s.lam) / h for j in points], rule)
-            return a, tuple(float(c) for c in coeffs), form.noise_std(s, t)
+        self._check_nodes(schedule, nodes)
 
         specs = self._stages(len(nodes) - 1)
         stages = []
         for i, (anchor, points, rule, completes) in enumerate(specs):
             if to_zero and i == len(specs) - 1:  # the jump to sigma = 0, from the point just evaluated
-                a, coeffs = self._form().to_zero(nodes[i])
-                stages.append([i, (i,), a, coeffs, 0.0, True])
+                a, coeffs, offset = self._to_zero(nodes, i)
+                stages.append([i, (i,), a, coeffs, 0.0, True, offset])
                 continue
-            a, coeffs, noise_std = update(anchor, points, i + 1, rule)
-            stages.append([anchor, tuple(points), a, coeffs, noise_std if completes else 0.0, completes])
+            a, coeffs, noise_std, offset = self._update(nodes, anchor, tuple(points), i + 1, rule)
+            stages.append([anchor, tuple(points), a, coeffs, noise_std if completes else 0.0, completes, offset])
         corrections = []
-        for i, spec in enumerate(self._correctors(specs)):
+        for i, spec in enumerate(self._correctors(specs, nodes)):
             if spec is not None:
                 anchor, points, rule = spec
                 if not (i >= 1 and specs[i - 1][3] and specs[i - 1][0] == anchor == points[0] and max(points) == i):
                     raise ValueError(f"{type(self).__name__}: the corrector at grid index {i} must take the completed "
                                      f"step that landed there again (got anchor {anchor}, points {points}).")
-                a, coeffs, noise_std = update(anchor, points, i, rule)
+                a, coeffs, noise_std, offset = self._update(nodes, anchor, tuple(points), i, rule)
                 if noise_std:
                     raise ValueError(f"{type(self).__name__}: a corrector needs a deterministic step (eta = 0).")
-                spec = Correction(anchor, tuple(points), a, coeffs)
+                spec = Correction(anchor, tuple(points), a, coeffs, offset)
             corrections.append(spec)
         keep_from = len(stages)
         for i in reversed(range(len(stages))):
-            stages[i].append(keep_from)
             reads = stages[i][1] + (corrections[i].points if corrections[i] is not None else ())
+            anchor, points, a, coeffs, noise_std, completes, offset = stages[i]
+            stages[i] = Stage(anchor, points, a, coeffs, noise_std, completes, keep_from, corrections[i], offset,
+                              self._aux(nodes, i))
             keep_from = min(keep_from, min(reads))
-        return nodes, tuple(Stage(*st, corrector=c) for st, c in zip(stages, corrections))
+        return nodes, tuple(stages)
+
+    def _check_nodes(self, schedule: Schedule, nodes: tuple[Node, ...]) -> None:
+        """Raise a ValueError for a grid this solver cannot run (every grid by default is fine)."""
 
     def init(self, schedule, ts, x, generator=None) -> State:
         nodes, stages = self.plan(schedule, ts)
+        stages = tuple(_place(stage, x) for stage in stages)
         return State(x=x, x_eval=x, i=0, anchor_index=0, nodes=nodes, stages=stages, generator=generator)
 
     def ask(self, state: State):
@@ -212,15 +239,16 @@ class FixedGridSolver(Solver):
         i = state.i
         stages = state.stages
         stage = stages[i]
-        history = ((i, self._form().pick(pred)),) + state.history
+        history = ((i, self._integrand(stage, state.x_eval, pred)),) + state.history
         by_index = dict(history)
         # An update starts from the last completed solution, or (the jump to sigma = 0 after a singlestep block's
         # intermediate point) from the point just evaluated.
         x = state.x if stage.anchor == state.anchor_index else state.x_eval
         corrector = stage.corrector
         if corrector is not None:  # x_i^c: the step that landed on x_i again, with m_i (evaluated at x_i) added
-            x = combine(corrector.a, state.x_prev, corrector.coeffs, [by_index[j] for j in corrector.points])
-        x_new = combine(stage.a, x, stage.coeffs, [by_index[j] for j in stage.points])
+            x = combine(corrector.a, state.x_prev, corrector.coeffs, [by_index[j] for j in corrector.points],
+                        corrector.offset)
+        x_new = combine(stage.a, x, stage.coeffs, [by_index[j] for j in stage.points], stage.offset)
         if stage.noise_std:
             z = torch.randn(x_new.shape, generator=state.generator, device=x_new.device, dtype=x_new.dtype)
             x_new.add_(z.mul_(stage.noise_std))  # = x_new + noise_std * z (same kernels), both tensors fresh
@@ -244,6 +272,28 @@ class FixedGridSolver(Solver):
 
     def done(self, state: State) -> bool:
         return state.i >= state.steps
+
+
+def _as_tensor_like(value, x: torch.Tensor):
+    return torch.as_tensor(value, dtype=x.dtype, device=x.device) if isinstance(value, np.ndarray) else value
+
+
+def _place(stage: Stage, x: torch.Tensor) -> Stage:
+    """The stage with its array coefficients (numpy float64 from planning) as tensors on x's device and dtype,
+    converted once per grid; host-float stages are returned as they are."""
+    arrays = [stage.a, *stage.coeffs, stage.offset, stage.aux]
+    if stage.corrector is not None:
+        arrays += [stage.corrector.a, *stage.corrector.coeffs, stage.corrector.offset]
+    if not any(isinstance(v, np.ndarray) for v in arrays):
+        return stage
+    corrector = stage.corrector
+    if corrector is not None:
+        corrector = corrector._replace(a=_as_tensor_like(corrector.a, x),
+                                       coeffs=tuple(_as_tensor_like(c, x) for c in corrector.coeffs),
+                                       offset=_as_tensor_like(corrector.offset, x))
+    return stage._replace(a=_as_tensor_like(stage.a, x), coeffs=tuple(_as_tensor_like(c, x) for c in stage.coeffs),
+                          offset=_as_tensor_like(stage.offset, x), aux=_as_tensor_like(stage.aux, x),
+                          corrector=corrector)
 
 
 def warmup_orders(order: int, steps: int, lower_order_final: bool) -> list[int]:

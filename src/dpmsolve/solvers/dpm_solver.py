@@ -154,9 +154,9 @@ class DPMSolverMultistep(FixedGridSolver):
                     order = min(order, min(len(points), predictor) + 1)
         return order
 
-    def _correctors(self, stages):
+    def _correctors(self, stages, nodes):
         if self.corrector_rule is None:
-            return super()._correctors(stages)
+            return super()._correctors(stages, nodes)
         return pec_correctors(stages, self.corrector_rule, skip={k + 1 for k in self.disable_corrector})
 
     def _stages(self, steps):
