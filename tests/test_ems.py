@@ -236,3 +236,24 @@ def test_trajectory_source_and_guidance_factory():
         dp.ems.compute(base, n_data=None, shape=(2,), progress=False)
     with pytest.raises(EMSError, match="one entry per data point"):
         dp.ems.compute(base, mix.data_sample(10), conditions={"y": labels}, progress=False)
+
+
+def test_finite_difference_jvp_agrees_with_forward_mode():
+    schedule = dp.DiscreteVP.linear()
+    mu, cov = correlated_problem()
+    model = CorrelatedGaussian(schedule, mu, cov)
+    x0 = torch.as_tensor(np.random.default_rng(1).multivariate_normal(mu, cov, size=200))
+    forward = dp.ems.compute(model, x0, n_lambdas=8, batch_size=200, progress=False)
+    fd = dp.ems.compute(model, x0, n_lambdas=8, batch_size=200, jvp="finite_difference", progress=False)
+    assert np.abs(forward.l - fd.l).max() < 1e-6      # the model is linear in x: the difference is exact
+
+    class Numpy(dp.Denoiser):  # forward-mode AD cannot see through numpy
+        def __init__(self):
+            self.schedule = schedule
+
+        def __call__(self, x, t, **kw):
+            p = model(torch.as_tensor(x.numpy()), t)
+            return p
+
+    with pytest.raises(EMSError, match="finite_difference"):
+        dp.ems.compute(Numpy(), x0, n_lambdas=4, batch_size=200, progress=False)

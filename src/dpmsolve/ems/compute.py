@@ -62,8 +62,9 @@ def statistics_from_moments(lambdas: np.ndarray, sums: Mapping[str, np.ndarray],
     """(l, s, b) from the accumulated sums of ``MOMENTS`` over ``count`` points per node.
 
     l' is the central difference of l in lambda (one-sided at the ends), smoothed over +-``smooth`` nodes as
-    the reference does. ``var_floor``: relative floor of Var f (against E f^2), so elements where f hardly
-    varies (Gaussian data: f is then a function of lambda alone) get s ~ 0 instead of a ratio of noise.
+    the reference does. ``var_floor``: relative floor of Var f (against E f^2; and 1e-12 of E eps_bar^2 +
+    l^2 E y^2 where f itself vanishes), so elements where f hardly varies (Gaussian data: f is then a function
+    of lambda alone) get s ~ 0 instead of a ratio of round-off.
     """
     m = {k: np.asarray(v, dtype=np.float64) / count for k, v in sums.items()}
     l = m["l"]
@@ -74,7 +75,10 @@ def statistics_from_moments(lambdas: np.ndarray, sums: Mapping[str, np.ndarray],
     var_f = np.maximum(f2 - mean_f**2, 0.0)
     ff = ((l - 1.0) * m["ee"] + m["ed"] - dl * m["ey"] - l * (l - 1.0) * m["ey"] - l * m["yd"] + l * dl * m["yy"])
     cov = ff - mean_f * mean_df
-    s = cov / np.maximum(var_f, var_floor * np.maximum(f2, 1e-300))
+    # Floor Var f relative to E f^2, and (for f ~ 0, e.g. zero-mean Gaussian data, where f vanishes) at round-off
+    # level relative to the two terms f is made of: otherwise s would be a ratio of round-off.
+    scale = m["ee"] + l * l * m["yy"]
+    s = cov / np.maximum(np.maximum(var_f, var_floor * f2), np.maximum(1e-12 * scale, 1e-300))
     b = mean_df - s * mean_f
     return l, s, b
 
@@ -138,7 +142,7 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
             t_end: float | None = None, source: str | None = None, batch_size: int = 256, shared: bool = False,
             probes: int = 1, fd_step: float | None = None, smooth: int = 5, var_floor: float = 1e-8,
             trajectory_refine: int = 2, seed: int = 0, checkpoint=None, progress: bool | None = None,
-            model_id: str = "", dtype: torch.dtype | None = None, device=None) -> EMS:
+            model_id: str = "", dtype: torch.dtype | None = None, device=None, jvp: str = "forward") -> EMS:
     """Estimate l, s, b of ``denoiser`` on ``n_lambdas + 1`` nodes uniform in log-SNR.
 
     Args:
@@ -164,6 +168,9 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
             resumes from it. Removed when the computation finishes.
         progress: tqdm progress bar (None: only on a terminal). model_id: stored in the EMS.
         dtype, device: of the points (default float32, or the data's dtype and device).
+        jvp: ``'forward'`` (``torch.func.jvp``; the network must be plain torch operations) or
+            ``'finite_difference'`` (central difference ``(eps(x + d v) - eps(x - d v)) / 2d`` with d =
+            ``fd_step``, for denoisers forward-mode AD cannot trace, e.g. ones that call numpy).
     """
     from tqdm.auto import tqdm
 
@@ -178,6 +185,8 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
         raise EMSError("source='data' needs data points.")
     if not isinstance(n_lambdas, int) or n_lambdas < 2:
         raise EMSError(f"n_lambdas must be an integer >= 2, got {n_lambdas!r}.")
+    if jvp not in ("forward", "finite_difference"):
+        raise EMSError(f"jvp must be 'forward' or 'finite_difference', got {jvp!r}.")
     if not isinstance(probes, int) or probes < 1:
         raise EMSError(f"probes must be a positive integer, got {probes!r}.")
     t_start = schedule.t_max if t_start is None else float(t_start)
@@ -198,7 +207,8 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
 
     settings = {"schedule": schedule.fingerprint(), "n_lambdas": n_lambdas, "t_start": t_start, "t_end": t_end,
                 "source": source, "shared": bool(shared), "probes": probes, "fd_step": fd, "seed": seed,
-                "refine": trajectory_refine, "data": batches.fingerprint(), "dtype": str(dtype)}
+                "refine": trajectory_refine, "data": batches.fingerprint(), "dtype": str(dtype),
+                "jvp": jvp}
     sums = {k: np.zeros((n_lambdas + 1,) + stat_shape) for k in MOMENTS}
     done, elapsed = 0, 0.0
     checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -225,7 +235,7 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
                     z = torch.randn((n,) + batches.shape, generator=gen, dtype=torch.float64).to(device, dtype)
                     x = a * x0.to(device, dtype) + s * z
                 moments = _node_moments(den, schedule, x, float(lam), (lambdas[0], lambdas[-1]), fd, probes, gen,
-                                        call_kwargs, reduce_dims)
+                                        call_kwargs, reduce_dims, jvp)
                 for key, value in moments.items():
                     sums[key][j] += np.reshape(value, stat_shape)
                 bar.update(1)
@@ -263,14 +273,28 @@ def _trajectory(den, schedule, times, x0, n, shape, gen, dtype, device, refine, 
     return sol.trajectory[::refine]
 
 
-def _node_moments(den, schedule, x, lam, lam_range, fd, probes, gen, kwargs, dims) -> dict[str, np.ndarray]:
+def _jvp(den, t, kwargs, x, v, mode, fd):
+    """(eps(x), J v) with J = d eps / dx."""
+    if mode == "finite_difference":
+        with torch.no_grad():
+            eps = den(x, t, **kwargs).eps
+            plus, minus = den(x + fd * v, t, **kwargs).eps, den(x - fd * v, t, **kwargs).eps
+        return eps, (plus - minus) / (2 * fd)
+    try:
+        return torch.func.jvp(lambda u: den(u, t, **kwargs).eps, (x,), (v,))
+    except RuntimeError as err:
+        raise EMSError(f"Forward-mode AD (torch.func.jvp) cannot trace this denoiser ({err}). Make the network plain "
+                       "torch operations, or pass jvp='finite_difference'.") from err
+
+
+def _node_moments(den, schedule, x, lam, lam_range, fd, probes, gen, kwargs, dims, mode) -> dict[str, np.ndarray]:
     t = float(schedule.t_from_log_snr(lam))
     a, s = schedule.alpha_sigma(t)
     hutch = 0.0
     eps = None
     for _ in range(probes):
         v = _rademacher(x.shape, gen, x.dtype, x.device)
-        eps, jv = torch.func.jvp(lambda u: den(u, t, **kwargs).eps, (x,), (v,))
+        eps, jv = _jvp(den, t, kwargs, x, v, mode, fd)
         hutch = hutch + (s * jv * v).double().sum(dim=dims).cpu().numpy() / probes
     eps = eps.detach()
     # Total derivative along the ODE: central difference along its tangent in y = x / alpha.

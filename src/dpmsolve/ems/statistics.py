@@ -162,7 +162,7 @@ class EMS:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k))) for k in ("lambdas", "l", "s", "b")}
+        tensors = {k: torch.from_numpy(np.array(getattr(self, k))) for k in ("lambdas", "l", "s", "b")}
         meta = {"format": "dpmsolve-ems", "version": str(FORMAT_VERSION), "schedule": self.schedule,
                 "data_shape": json.dumps(list(self.data_shape)), "n_data": str(int(self.n_data)), "model": self.model,
                 "info": json.dumps(self.info, default=str)}

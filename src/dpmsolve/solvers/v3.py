@@ -133,6 +133,9 @@ class DPMSolverV3(FixedGridSolver):
             coeffs.append(np.asarray(-scale * c_j * np.exp(-d_s)))
             inner = inner - c_j * b_t
         offset = -scale * inner
+        if not all(np.all(np.isfinite(v)) for v in (a, offset, *coeffs)):
+            raise EMSError(f"The EMS give non-finite coefficients for the step lambda {s.lam:.4g} -> {t.lam:.4g} (s "
+                           "too large in magnitude?); recompute them with more data or a larger var_floor.")
         return np.asarray(a), tuple(coeffs), 0.0, (np.asarray(offset) if np.any(offset) else None)
 
     def _to_zero(self, nodes, i):

@@ -1,0 +1,226 @@
+"""DPM-Solver-v3 against our DPM-Solver++ and UniPC: the issue's quality bar, the EMS cost, the half corrector.
+
+    python benchmarks/v3.py                        # analytic problems + the zoo's digits (~15 min on 2 CPU cores)
+    python benchmarks/v3.py --problems mixture     # one problem
+    python benchmarks/v3.py --k-curve              # also v3 error against K (EMS data points) and EMS time
+
+For each problem the EMS are computed here (wall time reported), then every configuration samples the same
+start noise on the same grid (uniform logSNR to t_min, the v3 paper's setting) at NFE 5, 6, 8, 10, and the RMSE
+against the reference (exact DOP853 for the analytic problems, the lab's cached high-accuracy solve for the
+zoo model) is tabulated. "ratio" = v3 (the default configuration) / best of our DPM-Solver++ and UniPC
+configurations at that NFE; the issue's bar is <= 0.8. Writes benchmarks/results/v3.md, v3.json, v3.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import dpmsolve as dp
+from dpmsolve.lab import GaussianMixture
+from dpmsolve.lab.evaluate import LabProblem, standard_problems
+from dpmsolve.lab.problems import digits_kde
+
+NFES = (5, 6, 8, 10)
+V3 = {
+    "v3 (order 2)": dict(order=2),
+    "v3 (order 2, half=clean)": dict(order=2, half="clean"),
+    "v3 (order 2, half=noisy)": dict(order=2, half="noisy"),
+    "v3 (order 2, no corrector)": dict(order=2, corrector=False),
+    "v3 (order 3)": dict(order=3),
+    "v3 (order 3, pseudo predictor)": dict(order=3, predictor_pseudo=True),
+}
+DEFAULT_V3 = "v3 (order 2)"
+BASELINES = {
+    "DPM-Solver++ 2M": ("dpmsolver++", dict(order=2)),
+    "DPM-Solver++ 3M taylor": ("dpmsolver++", dict(order=3, solver_type="taylor")),
+    "UniPC bh1 (order 2)": ("unipc", dict(order=2, variant="bh1")),
+    "UniPC bh2 (order 2)": ("unipc", dict(order=2, variant="bh2")),
+    "UniPC bh2 (order 3)": ("unipc", dict(order=3, variant="bh2")),
+}
+
+
+# ------------------------------------------------------------------------------------------------ problems
+def _mixture_problem(n: int, seed: int):
+    schedule = dp.DiscreteVP.linear()
+    mix = GaussianMixture.random(k=12, dim=8, seed=seed, classes=4)
+    uncond = GaussianMixture(mix.means, mix.vars, mix.weights)
+    x_T = torch.randn((n, 8), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (LabProblem("mixture", uncond.denoiser(schedule), x_T, f"mixture|{seed}|{n}", uncond.posterior_mean),
+            lambda k: dict(data=uncond.data_sample(k, torch.Generator().manual_seed(seed + 1))))
+
+
+def _cfg_problem(n: int, seed: int):
+    (problem,) = standard_problems(n=n, seed=seed, names=["mixture-cfg7.5"])
+    mix = GaussianMixture.random(k=12, dim=8, seed=seed, classes=4)
+    base = mix.denoiser(problem.schedule)
+
+    def guided(conditions):
+        y = conditions["y"]
+        return dp.ClassifierFreeGuidance(base, 7.5, cond={"y": y}, uncond={"y": torch.full_like(y, -1)})
+
+    # The guided ODE's marginals are not the data's: the EMS come from the guided model's own trajectories.
+    return problem, lambda k: dict(denoiser=guided, n_data=k, shape=(8,), conditions={"y": torch.arange(k) % 4},
+                                   schedule=problem.schedule)
+
+
+def _digits_kde_problem(n: int, seed: int):
+    (problem,) = standard_problems(n=n, seed=seed, names=["digits-kde"])
+    kde = digits_kde(0.1, classes=False)
+    return problem, lambda k: dict(data=kde.data_sample(k, torch.Generator().manual_seed(seed + 1)))
+
+
+def _zoo_problem(name: str):
+    def build(n: int, seed: int):
+        from dpmsolve import zoo
+        from dpmsolve.lab.neural import zoo_problem
+
+        model = zoo.load(name)
+        guidance = 3.0 if model.num_classes else None
+        problem = zoo_problem(name, n=n, seed=seed, guidance=guidance)
+        if guidance is None:
+            return problem, lambda k: dict(n_data=k, shape=model.shape, schedule=model.schedule, shared=True,
+                                           denoiser=model.denoiser, dtype=torch.float32)
+
+        def guided(conditions):
+            return zoo.guided(model, conditions["y"], guidance)
+
+        return problem, lambda k: dict(denoiser=guided, n_data=k, shape=model.shape, schedule=model.schedule,
+                                       conditions={"y": torch.arange(k) % model.num_classes}, shared=True,
+                                       dtype=torch.float32)
+
+    return build
+
+
+PROBLEMS = {"mixture": _mixture_problem, "mixture-cfg7.5": _cfg_problem, "digits-kde": _digits_kde_problem,
+            "digits": _zoo_problem("digits"), "digits-flow": _zoo_problem("digits-flow"),
+            "patches": _zoo_problem("patches")}
+ANALYTIC = ("mixture", "mixture-cfg7.5", "digits-kde")
+EMS_SIZE = {"analytic": dict(k=2048, n_lambdas=100), "zoo": dict(k=256, n_lambdas=50)}
+
+
+def compute_ems(problem: LabProblem, spec, k: int, n_lambdas: int) -> tuple[dp.ems.EMS, float]:
+    options = spec(k)
+    denoiser = options.pop("denoiser", problem.denoiser)
+    start = time.perf_counter()
+    ems = dp.ems.compute(denoiser, n_lambdas=n_lambdas, batch_size=256, progress=False, model_id=problem.name,
+                         **options)
+    return ems, time.perf_counter() - start
+
+
+def rmse(problem: LabProblem, ref: torch.Tensor, solver: str, nfe: int, **options) -> float:
+    x_T = problem.x_T if problem.x0_fn is not None else problem.x_T.float()
+    out = dp.sample(problem.denoiser, x_T, solver, steps=nfe, grid="logSNR", progress=False, **options).x
+    return float(((out.double() - ref.double()) ** 2).mean().sqrt())
+
+
+def measure(name: str, n: int, seed: int) -> dict:
+    problem, spec = PROBLEMS[name](n, seed)
+    size = EMS_SIZE["analytic" if name in ANALYTIC else "zoo"]
+    ems, wall = compute_ems(problem, spec, size["k"], size["n_lambdas"])
+    ref = problem.reference("t_min")
+    table = {}
+    for label, options in V3.items():
+        table[label] = [rmse(problem, ref, "dpmsolver-v3", k, ems=ems, **options) for k in NFES]
+    for label, (solver, options) in BASELINES.items():
+        table[label] = [rmse(problem, ref, solver, k, **options) for k in NFES]
+    best = [min(table[b][i] for b in BASELINES) for i in range(len(NFES))]
+    return {"problem": name, "ems": {"K": ems.n_data, "n_lambdas": ems.lambdas.size - 1, "stat_shape": ems.stat_shape,
+                                     "wall_seconds": round(wall, 1), "source": ems.info["source"]},
+            "rmse": table, "best_baseline": best, "ratio": [table[DEFAULT_V3][i] / best[i] for i in range(len(NFES))]}
+
+
+def k_curve(name: str, n: int, seed: int, ks, n_lambdas: int, nfes=(6, 10)) -> dict:
+    problem, spec = PROBLEMS[name](n, seed)
+    ref = problem.reference("t_min")
+    out = {"problem": name, "K": list(ks), "wall_seconds": [], "rmse": {k: [] for k in nfes}}
+    for k in ks:
+        ems, wall = compute_ems(problem, spec, k, n_lambdas)
+        out["wall_seconds"].append(round(wall, 1))
+        for nfe in nfes:
+            out["rmse"][nfe].append(rmse(problem, ref, "dpmsolver-v3", nfe, ems=ems, **V3[DEFAULT_V3]))
+    out["best_baseline"] = {nfe: min(rmse(problem, ref, s, nfe, **o) for s, o in BASELINES.values()) for nfe in nfes}
+    return out
+
+
+def markdown(results, curves) -> str:
+    lines = ["# DPM-Solver-v3 vs our DPM-Solver++ and UniPC (uniform logSNR grid to t_min, RMSE)", ""]
+    for r in results:
+        e = r["ems"]
+        lines += [f"## {r['problem']}  (EMS: K={e['K']}, N={e['n_lambdas']}, statistics {tuple(e['stat_shape'])}, "
+                  f"source {e['source']}, {e['wall_seconds']} s)", "",
+                  "| configuration | " + " | ".join(f"NFE {k}" for k in NFES) + " |", "|---|" + "---:|" * len(NFES)]
+        for label, errs in r["rmse"].items():
+            lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in errs) + " |")
+        lines.append("| **ratio v3 / best ++ or UniPC** | " + " | ".join(f"**{v:.2f}**" for v in r["ratio"]) + " |")
+        lines.append("")
+    for c in curves:
+        lines += [f"## v3 error against K ({c['problem']})", "", "| K | EMS wall s | " +
+                  " | ".join(f"NFE {k}" for k in c["rmse"]) + " |", "|---:|---:|" + "---:|" * len(c["rmse"])]
+        for i, k in enumerate(c["K"]):
+            lines.append(f"| {k} | {c['wall_seconds'][i]} | " + " | ".join(f"{c['rmse'][n][i]:.4f}" for n in c["rmse"]) + " |")
+        lines.append("| best ++ / UniPC | | " + " | ".join(f"{c['best_baseline'][n]:.4f}" for n in c["rmse"]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results, curves, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = len(results) + len(curves)
+    fig, axes = plt.subplots(1, cols, figsize=(4.2 * cols, 3.6), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        for label in (DEFAULT_V3, *BASELINES):
+            ax.plot(NFES, r["rmse"][label], marker="o", lw=2.2 if label == DEFAULT_V3 else 1, label=label)
+        ax.set(xscale="log", yscale="log", title=r["problem"], xlabel="NFE", ylabel="RMSE")
+        ax.set_xticks(NFES, [str(k) for k in NFES])
+    for ax, c in zip(axes[0][len(results):], curves):
+        for nfe, errs in c["rmse"].items():
+            line, = ax.plot(c["K"], errs, marker="o", label=f"v3, NFE {nfe}")
+            ax.axhline(c["best_baseline"][nfe], color=line.get_color(), ls="--", lw=1, label=f"best ++/UniPC, NFE {nfe}")
+        ax.set(xscale="log", yscale="log", title=f"v3 vs K ({c['problem']})", xlabel="K (EMS data points)")
+    axes[0][0].legend(fontsize=6)
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", nargs="*", default=["mixture", "mixture-cfg7.5", "digits-kde", "digits"],
+                        choices=sorted(PROBLEMS))
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--k-curve", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    torch.set_default_dtype(torch.float64)
+    results = []
+    for name in args.problems:
+        n = args.samples if name in ANALYTIC else min(args.samples, 32)
+        results.append(measure(name, n, seed=0))
+        r = results[-1]
+        print(name, "EMS", r["ems"], "ratio", " ".join(f"{v:.2f}" for v in r["ratio"]), flush=True)
+    curves = []
+    if args.k_curve:
+        curves.append(k_curve("mixture-cfg7.5", args.samples, 0, (64, 256, 1024, 4096), 100))
+        curves.append(k_curve("digits", 32, 0, (32, 128, 512), 50))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(results, curves)
+    (out / "v3.md").write_text(text + "\n")
+    (out / "v3.json").write_text(json.dumps({"results": results, "k_curves": curves}, indent=1, default=str))
+    plot(results, curves, out / "v3.png")
+    print(text)
+    print(f"wrote {out / 'v3.md'}, v3.json, v3.png")
+
+
+if __name__ == "__main__":
+    main()
