@@ -446,3 +446,29 @@ def test_pipeline_save_and_load_with_our_scheduler(tmp_path):
     loaded = DDPMPipeline.from_pretrained(tmp_path)
     assert type(loaded.scheduler) is UniPCScheduler
     assert loaded.scheduler.config.grid == "karras" and loaded.scheduler.config.final_sigma == "min"
+
+
+def test_dpm_solver_v3_runs_in_the_scheduler_from_an_ems_file(tmp_path):
+    """DPM-Solver-v3 is one more fixed-grid solver for the adapter: its statistics travel in the scheduler config
+    as a file path (JSON-serialisable), and the hand loop equals dp.sample with the same statistics."""
+    s = DPMSolveScheduler(solver="dpmsolver++", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    den = dp.wrap_model(toy_net, s.schedule, "epsilon", time_input="discrete")
+    stats = dp.ems.compute(den, n_data=16, shape=SHAPE[1:], n_lambdas=20, batch_size=16, dtype=torch.float64,
+                           progress=False, model_id="toy")
+    path = str(stats.save(tmp_path / "toy.ems.safetensors"))
+    options = {"ems": path, "order": 2}
+    s = DPMSolveScheduler(solver="dpmsolver-v3", solver_options=options, beta_schedule="scaled_linear",
+                          beta_start=0.00085, beta_end=0.012, final_sigma="min")
+    s.set_timesteps(7)
+    x = start_noise()
+    ours = hand_loop(s, x.clone())
+    theirs = native(s, toy_net, x.clone(), "dpmsolver-v3", {"ems": stats, "order": 2})
+    assert (ours - theirs).abs().max().item() <= 1e-12
+    s.save_pretrained(tmp_path / "sched")
+    again = DPMSolveScheduler.from_pretrained(tmp_path / "sched")
+    again.set_timesteps(7)
+    assert torch.equal(hand_loop(again, x.clone()), ours)
+    pp = DPMSolveScheduler(solver="dpmsolver++", solver_options={"order": 2}, beta_schedule="scaled_linear",
+                           beta_start=0.00085, beta_end=0.012, final_sigma="min")
+    pp.set_timesteps(7)
+    assert (hand_loop(pp, x.clone()) - ours).abs().max() > 1e-6     # the statistics do change the sample

@@ -18,6 +18,7 @@ the stored value still equals ``N / alpha`` of the uncorrected point, which is t
 from __future__ import annotations
 
 import math
+from os import PathLike
 
 import numpy as np
 
@@ -35,7 +36,8 @@ class DPMSolverV3(FixedGridSolver):
     evaluation per step, integrating the EMS parametrisation g of the model (``integrates = "g"``).
 
     Args:
-        ems: the model's statistics (:func:`dpmsolve.ems.compute` or :meth:`EMS.load`), or ``"degenerate"``
+        ems: the model's statistics (:func:`dpmsolve.ems.compute` or :meth:`EMS.load`), the path of an EMS file
+            (loaded here; this is how a diffusers scheduler config refers to them), or ``"degenerate"``
             (l = 1, s = b = 0), with which this solver is DPM-Solver++ multistep with Taylor coefficients and the
             lower-order warm-up (``DPMSolverMultistep(order, solver_type='taylor', warmup='lower_order')``).
         order: predictor order (warm-up 1, 2, ... while history builds, as the reference).
@@ -61,9 +63,11 @@ class DPMSolverV3(FixedGridSolver):
     def __init__(self, ems: EMS | str | None = None, order: int = 2, predictor_pseudo: bool = False,
                  corrector: bool = True, corrector_pseudo: bool = False, half: str | None = None,
                  half_split: float | None = None, lower_order_final: bool = False):
+        if isinstance(ems, (str, PathLike)) and ems != "degenerate":
+            ems = EMS.load(ems)            # a file path: what a serialised config (diffusers scheduler) can hold
         if not (ems is None or ems == "degenerate" or isinstance(ems, EMS)):
-            raise ValueError("ems must be an dpmsolve.ems.EMS (ems.compute(...) or EMS.load(path)) or 'degenerate'; "
-                             f"got {type(ems).__name__}.")
+            raise ValueError("ems must be a dpmsolve.ems.EMS (ems.compute(...) or EMS.load(path)), the path of an EMS "
+                             f"file, or 'degenerate'; got {type(ems).__name__}.")
         self.ems = ems
         self._order = _check_order(type(self).__name__, order, (1, 2, 3))
         for name, value in (("predictor_pseudo", predictor_pseudo), ("corrector", corrector),
