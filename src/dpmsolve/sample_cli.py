@@ -132,10 +132,15 @@ def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = No
     if steps < 1 or batch < 1:
         raise SampleError("--steps and --batch must be >= 1.")
     model = zoo.load(name)
-    if label is not None and not 0 <= label < model.num_classes:
-        raise SampleError(f"--label must be in [0, {model.num_classes - 1}] for {name}.")
-    labels = torch.full((batch,), label) if label is not None else torch.arange(batch) % model.num_classes
-    denoiser = zoo.guided(model, labels, 3.0 if guidance is None else guidance)
+    if model.num_classes == 0:   # unconditional (patches)
+        if label is not None or guidance is not None:
+            raise SampleError(f"--model {name} is unconditional: it takes no --label and no --guidance.")
+        labels, denoiser = None, model.denoiser
+    else:
+        if label is not None and not 0 <= label < model.num_classes:
+            raise SampleError(f"--label must be in [0, {model.num_classes - 1}] for {name}.")
+        labels = torch.full((batch,), label) if label is not None else torch.arange(batch) % model.num_classes
+        denoiser = zoo.guided(model, labels, 3.0 if guidance is None else guidance)
     x = torch.randn((batch, *model.shape), generator=torch.Generator().manual_seed(seed))
     try:
         result = sample(denoiser, x, solver, steps=steps, grid=grid or "logSNR", t_end=0.0 if final == "zero" else None,
@@ -149,11 +154,11 @@ def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = No
     for i, img in enumerate(images):
         pixels = np.kron(img.reshape(img.shape[-2:]) if img.shape[0] == 1 else img.transpose(1, 2, 0),
                          np.ones((4, 4) if img.shape[0] == 1 else (4, 4, 1), dtype=np.uint8))
-        path = out / f"sample_{i:04d}_label{int(labels[i])}.png"
+        path = out / (f"sample_{i:04d}.png" if labels is None else f"sample_{i:04d}_label{int(labels[i])}.png")
         Image.fromarray(pixels).save(path)
         paths.append(path)
     print(f"{name}: {solver} {_solver_options(solver, order)}, {steps} NFE ({result.nfe} used), "
-          f"guidance {3.0 if guidance is None else guidance}")
+          + ("unconditional" if labels is None else f"guidance {3.0 if guidance is None else guidance}"))
     return paths
 
 

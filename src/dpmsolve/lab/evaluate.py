@@ -76,7 +76,8 @@ class LabProblem:
 
     ``x0_fn`` is the exact VE denoiser ``(y, rho) -> x0`` of the (guided) model for every rho, when known: the
     reference is then a DOP853 solve to the data end. Without it the reference is a high-accuracy solve by
-    our adaptive DPM-Solver-23 (see ``high_accuracy_reference``).
+    our adaptive DPM-Solver-23 (see ``high_accuracy_reference``) at ``reference_rtol`` (trained networks in
+    float32 cannot be resolved below ~1e-4, see :mod:`dpmsolve.lab.neural`).
     """
 
     name: str
@@ -84,6 +85,7 @@ class LabProblem:
     x_T: torch.Tensor
     key: str
     x0_fn: X0Fn | None = None
+    reference_rtol: float = 1e-6
 
     @property
     def schedule(self) -> Schedule:
@@ -95,7 +97,8 @@ class LabProblem:
         s = self.schedule
         t_end = None if endpoint == "zero" else s.t_min
         if self.x0_fn is None:
-            compute = lambda: high_accuracy_reference(self.denoiser, self.x_T, endpoint)[0]  # noqa: E731
+            compute = lambda: high_accuracy_reference(self.denoiser, self.x_T, endpoint,  # noqa: E731
+                                                      rtol=self.reference_rtol)[0]
         else:
             compute = lambda: reference_between(self.x0_fn, s, self.x_T, s.t_max, t_end)  # noqa: E731
         return cached(f"v1|{self.key}|{s.fingerprint()}|{endpoint}|{tuple(self.x_T.shape)}", compute)

@@ -11,10 +11,13 @@
 scikit-learn's 8x8 digits scaled to ``[-1, 1]``; label ``10`` is the null class for classifier-free guidance.
 ``digits-flow`` is the same network and data trained as a rectified flow (``RectifiedFlow()``, velocity
 ``eps - x0`` prediction, network time input ``1000 t``).
+``patches`` is an unconditional model of 32x32 RGB patches of scikit-learn's two sample photos (``CosineVP()``
+schedule, v-prediction, network time input ``1000 t``); score its samples with
+:func:`dpmsolve.zoo.metrics.patches_distance`.
 ``classifier()`` is a small CNN classifier of the same digits, used by :mod:`dpmsolve.zoo.metrics`
 (``class_accuracy``, ``digits_fd``).
 Reproduce the weights with ``python -m dpmsolve.zoo.train NAME`` (NAME: ``digits``, ``digits-flow``,
-``digits-classifier``; see :mod:`dpmsolve.zoo.train`).
+``patches``, ``digits-classifier``; see :mod:`dpmsolve.zoo.train`).
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from pathlib import Path
 import torch
 
 from ..model import ClassifierFreeGuidance, Denoiser, wrap_model
-from ..schedules import DiscreteVP, RectifiedFlow, Schedule
+from ..schedules import CosineVP, DiscreteVP, RectifiedFlow, Schedule
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-MODELS = ("digits", "digits-flow")
+MODELS = ("digits", "digits-flow", "patches")
 CLASSIFIERS = ("digits-classifier",)
 
 __all__ = ["CLASSIFIERS", "MODELS", "ZooModel", "classifier", "guided", "load", "weights_path"]
@@ -37,7 +40,8 @@ __all__ = ["CLASSIFIERS", "MODELS", "ZooModel", "classifier", "guided", "load", 
 
 @dataclass(frozen=True)
 class ZooModel:
-    """A loaded zoo model: the network, its schedule and a ready denoiser."""
+    """A loaded zoo model: the network, its schedule and a ready denoiser (``num_classes`` 0 and
+    ``null_class`` -1 for an unconditional model)."""
 
     name: str
     net: torch.nn.Module
@@ -61,6 +65,8 @@ def _schedule(meta: dict) -> Schedule:
         return DiscreteVP.linear(1000, 1e-4, 0.02)
     if meta["schedule"] == "RectifiedFlow()":
         return RectifiedFlow()
+    if meta["schedule"] == "CosineVP()":
+        return CosineVP()
     raise ValueError(f"Unsupported zoo schedule {meta['schedule']!r}.")
 
 
@@ -105,6 +111,8 @@ def classifier(name: str = "digits-classifier") -> torch.nn.Module:
 
 def guided(model: ZooModel, labels, scale: float = 3.0) -> ClassifierFreeGuidance:
     """A classifier-free-guided denoiser for ``labels`` (one per sample; ``scale`` 1 = plain conditional)."""
+    if model.num_classes == 0:
+        raise ValueError(f"Zoo model {model.name!r} is unconditional: use model.denoiser, not guided().")
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if labels.numel() and (labels.min() < 0 or labels.max() >= model.num_classes):
         raise ValueError(f"labels must be in [0, {model.num_classes - 1}].")

@@ -4,6 +4,10 @@
 ``(B, 1, 8, 8)`` scaled to ``[-1, 1]``, ``t`` the (fractional) DDPM train index in ``[0, 999]`` (what
 ``wrap_model(time_input="discrete")`` hands it) and ``y`` integer class labels in ``[0, num_classes]``, where
 label ``num_classes`` is the "null" class used for classifier-free guidance. It returns the noise prediction.
+
+``PatchesUNet`` is the unconditional U-Net of the ``patches`` model: 3x32x32 RGB in ``[-1, 1]``, three
+downsampling levels (32 -> 16 -> 8 -> 4) with one residual block each way, self-attention at 4x4, called as
+``net(x, t)`` with ``t = 1000 t_schedule`` (``time_input="1000t"``); it returns the v-prediction.
 """
 
 from __future__ import annotations
@@ -114,4 +118,71 @@ class DigitsClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-ARCHITECTURES = {"DigitsUNet": DigitsUNet, "DigitsClassifier": DigitsClassifier}
+class SelfAttention(nn.Module):
+    """Single-head self-attention over the pixels of a (small) feature map, residual, zero-initialised output."""
+
+    def __init__(self, ch: int, groups: int = 8):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)
+        attn = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(c), dim=-1)      # (b, hw, hw)
+        return x + self.proj((v @ attn.transpose(1, 2)).reshape(b, c, h, w))
+
+
+class PatchesUNet(nn.Module):
+    """An unconditional U-Net for 3x32x32 images: levels of ``ch * mults[i]`` channels at 32, 16, 8 and 4 pixels
+    (the last is the middle: two residual blocks around self-attention), one residual block per level each way,
+    skip connections, strided-conv downsampling and nearest upsampling."""
+
+    def __init__(self, ch: int = 32, mults=(1, 2, 3, 3), emb_dim: int = 128, in_channels: int = 3):
+        super().__init__()
+        self.ch, self.emb_dim, self.in_channels, self.mults = ch, emb_dim, in_channels, tuple(mults)
+        widths = [ch * m for m in mults]
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        self.downs, self.pools = nn.ModuleList(), nn.ModuleList()
+        cin = widths[0]
+        for w in widths[:-1]:
+            self.downs.append(ResBlock(cin, w, emb_dim))
+            self.pools.append(nn.Conv2d(w, w, 3, stride=2, padding=1))
+            cin = w
+        self.mid1 = ResBlock(cin, widths[-1], emb_dim)
+        self.attn = SelfAttention(widths[-1])
+        self.mid2 = ResBlock(widths[-1], widths[-1], emb_dim)
+        self.ups = nn.ModuleList()
+        cin = widths[-1]
+        for w in reversed(widths[:-1]):
+            self.ups.append(ResBlock(cin + w, w, emb_dim))
+            cin = w
+        self.out = ResBlock(cin + widths[0], widths[0], emb_dim)
+        self.norm_out = nn.GroupNorm(8, widths[0])
+        self.conv_out = nn.Conv2d(widths[0], in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        emb = F.silu(self.time_mlp(timestep_embedding(t, self.ch)))
+        h0 = h = self.conv_in(x)
+        skips = []
+        for block, pool in zip(self.downs, self.pools):
+            h = block(h, emb)
+            skips.append(h)
+            h = pool(h)
+        h = self.mid2(self.attn(self.mid1(h, emb)), emb)
+        for block in self.ups:
+            h = F.interpolate(h, scale_factor=2, mode="nearest")
+            h = block(torch.cat([h, skips.pop()], 1), emb)
+        h = self.out(torch.cat([h, h0], 1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+ARCHITECTURES = {"DigitsUNet": DigitsUNet, "DigitsClassifier": DigitsClassifier, "PatchesUNet": PatchesUNet}

@@ -1,7 +1,8 @@
 """Train the shipped zoo models on the CPU: ``python -m dpmsolve.zoo.train NAME [--steps N] [--minutes M] [--out PATH]``.
 
-NAME is ``digits``, ``digits-flow`` or ``digits-classifier``; all three use the same training loop
-(``train_digits``), parametrised by a config dict whose ``family`` picks the loss (``_family``).
+NAME is ``digits``, ``digits-flow``, ``digits-classifier`` or ``patches``; all use the same training loop
+(``train_digits``), parametrised by a config dict whose ``family`` picks the loss (``_family``) and whose
+``dataset`` picks the data (``_dataset``).
 
 ``digits``: a class-conditional :class:`~dpmsolve.zoo.nets.DigitsUNet` on scikit-learn's
 bundled 8x8 digits (pixel values 0..16 scaled to ``[-1, 1]``), with
@@ -30,6 +31,18 @@ as a rectified flow (``RectifiedFlow()``: ``x_t = (1 - t) x0 + t eps``, ``t ~ U(
 ``digits-classifier`` (``DIGITS_CLASSIFIER_CONFIG``): the small CNN ``DigitsClassifier`` used by
 :mod:`dpmsolve.zoo.metrics`, trained with cross-entropy on randomly +-1-pixel-shifted training digits (no label
 dropout, EMA 0.99, 1200 steps); the metadata records its held-out accuracy.
+
+``patches`` (``PATCHES_CONFIG``): an unconditional :class:`~dpmsolve.zoo.nets.PatchesUNet` (24-96 channels,
+~1M parameters) on 32x32 RGB patches of scikit-learn's two bundled photos (``load_sample_images()``: china.jpg,
+flower.jpg), each downsampled 2x (2x2 box average, 213x320) and scaled to ``[-1, 1]`` (``patch_images``).
+The photos are cut into a 3 x 5 grid of 64x64 blocks and a seeded 4 blocks of each are held out
+(``heldout_blocks``; ``patches_data("test")``: the 200 patches inside them at stride 8); training draws random
+crops that overlap no held-out block (``train_positions``), with random horizontal flips. The
+schedule is the continuous cosine ``CosineVP()`` (t in [1e-3, 0.9946]), the loss the v-prediction loss
+``|v_theta(x_t, 1000 t) - (alpha_t eps - sigma_t x0)|^2`` with ``t ~ U(t_min, t_max)`` (``v_loss``); it loads as
+``wrap_model(net, CosineVP(), prediction="v", time_input="1000t")``. Same optimizer and EMA as the digits
+(lr 1.5e-3, batch 64, EMA 0.999), 2800 steps, about 32 minutes with ``--threads 1``; the shipped weights came
+from ``python -m dpmsolve.zoo.train patches --threads 1``.
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..schedules import DiscreteVP
+from ..schedules import CosineVP, DiscreteVP
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -102,6 +115,101 @@ DIGITS_CLASSIFIER_CONFIG = {
 }
 
 
+# Unconditional 32x32 RGB patches of scikit-learn's two sample photos, cosine schedule, v-prediction.
+PATCHES_CONFIG = {
+    "name": "patches",
+    "family": "v",
+    "dataset": "patches",
+    "architecture": "PatchesUNet",
+    "net_kwargs": {"ch": 24, "mults": [1, 2, 3, 4], "emb_dim": 128, "in_channels": 3},
+    "schedule": "CosineVP()",
+    "prediction": "v",
+    "time_input": "1000t",
+    "num_classes": 0,
+    "null_class": -1,
+    "shape": [3, 32, 32],
+    "data": "sklearn.datasets.load_sample_images (china, flower), 2x box-downsampled, x / 127.5 - 1; "
+            "random 32x32 crops (+ flips) avoiding 4 seeded held-out 64x64 blocks per photo",
+    "label_dropout": 0.0,
+    "batch_size": 64,
+    "lr": 1.5e-3,
+    "warmup": 100,
+    "ema_decay": 0.999,
+    "steps": 2800,
+}
+
+PATCH = 32
+PATCH_BLOCK = 64        # held-out blocks: the downsampled photos are cut into a 3 x 5 grid of 64 x 64 blocks
+PATCH_HOLDOUT_BLOCKS = 4  # per photo, chosen by a seeded permutation (27% of the gridded area)
+
+
+def patch_images() -> torch.Tensor:
+    """scikit-learn's two sample photos, 2x box-downsampled to ``(2, 3, 213, 320)`` float32 in ``[-1, 1]``."""
+    from sklearn.datasets import load_sample_images
+
+    out = []
+    for im in load_sample_images().images:  # (427, 640, 3) uint8
+        h, w = im.shape[0] // 2, im.shape[1] // 2
+        x = im[: 2 * h, : 2 * w].astype(np.float64).reshape(h, 2, w, 2, 3).mean(axis=(1, 3))
+        out.append(torch.from_numpy((x / 127.5 - 1.0).astype(np.float32)).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def heldout_blocks(seed: int = 0) -> list[tuple[int, int, int]]:
+    """The held-out ``(photo, top, left)`` 64x64 blocks: a seeded choice of 4 of the 15 grid blocks per photo."""
+    rs = np.random.RandomState(seed)
+    blocks = []
+    for k in range(2):
+        for b in sorted(rs.permutation(15)[:PATCH_HOLDOUT_BLOCKS].tolist()):
+            blocks.append((k, PATCH_BLOCK * (b // 5), PATCH_BLOCK * (b % 5)))
+    return blocks
+
+
+def train_positions(images: torch.Tensor | None = None) -> torch.Tensor:
+    """Every ``(photo, top, left)`` of a 32x32 crop that does not overlap a held-out block, ``(N, 3)`` int64."""
+    shape = (2, 213, 320) if images is None else (images.shape[0], images.shape[2], images.shape[3])
+    ok = torch.ones(shape[0], shape[1] - PATCH + 1, shape[2] - PATCH + 1, dtype=torch.bool)
+    for k, top, left in heldout_blocks():
+        ok[k, max(0, top - PATCH + 1): top + PATCH_BLOCK, max(0, left - PATCH + 1): left + PATCH_BLOCK] = False
+    return ok.nonzero()
+
+
+def patches_data(split: str = "test", stride: int = 8) -> torch.Tensor:
+    """Real 32x32 patches, ``(N, 3, 32, 32)`` in ``[-1, 1]``: ``split`` ``"test"`` gives every patch at ``stride``
+    inside the held-out blocks (8 blocks x 25 = 200 at stride 8), ``"train"`` every training crop position at
+    ``stride`` (positions on the stride grid that overlap no held-out block)."""
+    images = patch_images()
+    if split == "test":
+        out = []
+        for k, top, left in heldout_blocks():
+            block = images[k, :, top:top + PATCH_BLOCK, left:left + PATCH_BLOCK]
+            p = block.unfold(1, PATCH, stride).unfold(2, PATCH, stride)      # (3, nh, nw, 32, 32)
+            out.append(p.permute(1, 2, 0, 3, 4).reshape(-1, 3, PATCH, PATCH))
+        return torch.cat(out).contiguous()
+    if split != "train":
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    pos = train_positions(images)
+    pos = pos[(pos[:, 1] % stride == 0) & (pos[:, 2] % stride == 0)]
+    return _crops(images, pos)
+
+
+def _crops(images: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return torch.stack([images[k, :, i:i + PATCH, j:j + PATCH] for k, i, j in pos.tolist()])
+
+
+def random_patches(n: int, generator=None, flip: bool = True, images: torch.Tensor | None = None,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
+    """``n`` random 32x32 training crops (uniform over :func:`train_positions`; with ``flip``, random horizontal
+    flips), ``(n, 3, 32, 32)`` in ``[-1, 1]``."""
+    images = patch_images() if images is None else images
+    positions = train_positions(images) if positions is None else positions
+    idx = torch.randint(0, len(positions), (n,), generator=generator)
+    f = torch.rand((n,), generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    out = _crops(images, positions[idx])
+    out[f] = out[f].flip(-1)
+    return out
+
+
 def digits_data(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 digits as ``(x, y)``: x float32 ``(N, 1, 8, 8)`` in ``[-1, 1]``, y int64 labels.
 
@@ -149,6 +257,20 @@ def flow_loss(net, x0, y, generator=None, t=None):
     return (net((1 - tt) * x0 + tt * eps, 1000.0 * t, y) - (eps - x0)).pow(2).mean()
 
 
+def v_loss(net, x0, y=None, schedule=None, generator=None, t=None):
+    """The v-prediction loss ``mean |net(alpha x0 + sigma eps, 1000 t) - (alpha eps - sigma x0)|^2`` under a
+    continuous schedule (default ``CosineVP()``), ``t ~ U(t_min, t_max)`` unless given; ``y`` is ignored."""
+    schedule = schedule or CosineVP()
+    if t is None:
+        t = schedule.t_min + (schedule.t_max - schedule.t_min) * torch.rand((x0.shape[0],), generator=generator,
+                                                                            dtype=torch.float64)
+    t = torch.as_tensor(t, dtype=torch.float64).expand(x0.shape[0])
+    a = torch.as_tensor(schedule.alpha(t.numpy()), dtype=x0.dtype).view(-1, 1, 1, 1)
+    s = torch.as_tensor(schedule.sigma(t.numpy()), dtype=x0.dtype).view(-1, 1, 1, 1)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    return (net(a * x0 + s * eps, (1000.0 * t).to(x0.dtype)) - (a * eps - s * x0)).pow(2).mean()
+
+
 def random_shift(x, generator=None, max_shift: int = 1):
     """Shift each image by a random integer offset in ``[-max_shift, max_shift]`` per axis, padding with -1."""
     b, _, h, w = x.shape
@@ -180,12 +302,41 @@ def _family(cfg):
             return "heldout_loss", float(np.mean([flow_loss(net, x, y, generator=g).item() for _ in range(20)]))
 
         return flow_loss, heldout
+    if family == "v":
+        def heldout(net, x, y):
+            g = torch.Generator().manual_seed(1234)
+            return "heldout_loss", float(np.mean([v_loss(net, x, generator=g).item() for _ in range(10)]))
+
+        return (lambda net, x0, y, generator: v_loss(net, x0, generator=generator)), heldout
     if family == "classifier":
         def heldout(net, x, y):
             return "heldout_accuracy", float((net(x).argmax(1) == y).float().mean())
 
         return classifier_loss, heldout
     raise ValueError(f"Unknown model family {family!r}.")
+
+
+def _dataset(cfg):
+    """``(n_train, batch(generator) -> (x0, y), heldout () -> (x, y))`` of a config's data set."""
+    if cfg.get("dataset", "digits") == "patches":
+        images = patch_images()
+        positions = train_positions(images)
+
+        def batch(gen):
+            return random_patches(cfg["batch_size"], generator=gen, images=images, positions=positions), None
+
+        return f"{len(positions)} training crop positions", batch, lambda: (patches_data("test"), None)
+
+    x_train, y_train = digits_data("train")
+
+    def batch(gen):
+        idx = torch.randint(0, len(y_train), (cfg["batch_size"],), generator=gen)
+        x0, y = x_train[idx], y_train[idx].clone()
+        drop = torch.rand(y.shape, generator=gen) < cfg["label_dropout"]
+        y[drop] = cfg["null_class"]
+        return x0, y
+
+    return f"{len(y_train)} training images", batch, lambda: digits_data("test")
 
 
 def train_digits(steps: int | None = None, minutes: float | None = None, out: Path | None = None, seed: int = 0,
@@ -213,7 +364,7 @@ def _train_digits(cfg, steps, minutes, out, seed, log_every):
     np.random.seed(seed)
     gen = torch.Generator().manual_seed(seed)
 
-    x_train, y_train = digits_data("train")
+    data_desc, next_batch, heldout_data = _dataset(cfg)
     train_loss, heldout_metric = _family(cfg)
     net = ARCHITECTURES[cfg["architecture"]](**cfg["net_kwargs"]).float()
     ema = copy.deepcopy(net).requires_grad_(False)
@@ -227,13 +378,10 @@ def _train_digits(cfg, steps, minutes, out, seed, log_every):
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     n_params = sum(p.numel() for p in net.parameters())
-    print(f"{cfg['name']}: {n_params} parameters, {len(y_train)} training images, {steps} steps", flush=True)
+    print(f"{cfg['name']}: {n_params} parameters, {data_desc}, {steps} steps", flush=True)
     start, running, done = time.time(), None, 0
     for i in range(steps):
-        idx = torch.randint(0, len(y_train), (cfg["batch_size"],), generator=gen)
-        x0, y = x_train[idx], y_train[idx].clone()
-        drop = torch.rand(y.shape, generator=gen) < cfg["label_dropout"]
-        y[drop] = cfg["null_class"]
+        x0, y = next_batch(gen)
         loss = train_loss(net, x0, y, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -255,7 +403,7 @@ def _train_digits(cfg, steps, minutes, out, seed, log_every):
     train_seconds = time.time() - start
 
     # Held-out loss (fixed noise) or accuracy of the EMA net, recorded in the metadata.
-    x_test, y_test = digits_data("test")
+    x_test, y_test = heldout_data()
     ema.eval()
     with torch.no_grad():
         metric, value = heldout_metric(ema, x_test, y_test)
@@ -291,7 +439,14 @@ def train_classifier(**kwargs) -> Path:
     return train_digits(config=DIGITS_CLASSIFIER_CONFIG, **kwargs)
 
 
-TRAINERS = {"digits": train_digits, "digits-flow": train_digits_flow, "digits-classifier": train_classifier}
+def train_patches(**kwargs) -> Path:
+    """Train the unconditional patches model (``PATCHES_CONFIG``) with the same loop."""
+    kwargs.setdefault("log_every", 100)
+    return train_digits(config=PATCHES_CONFIG, **kwargs)
+
+
+TRAINERS = {"digits": train_digits, "digits-flow": train_digits_flow, "digits-classifier": train_classifier,
+            "patches": train_patches}
 
 
 def main(argv=None) -> None:
