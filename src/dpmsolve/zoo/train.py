@@ -41,7 +41,7 @@ crops that overlap no held-out block (``train_positions``), with random horizont
 schedule is the continuous cosine ``CosineVP()`` (t in [1e-3, 0.9946]), the loss the v-prediction loss
 ``|v_theta(x_t, 1000 t) - (alpha_t eps - sigma_t x0)|^2`` with ``t ~ U(t_min, t_max)`` (``v_loss``); it loads as
 ``wrap_model(net, CosineVP(), prediction="v", time_input="1000t")``. Same optimizer and EMA as the digits
-(lr 1.5e-3, batch 64, EMA 0.999), 2800 steps, about 32 minutes with ``--threads 1``; the shipped weights came
+(lr 1.5e-3, batch 64, EMA 0.999), 2800 steps, 37 minutes with ``--threads 1`` here; the shipped weights came
 from ``python -m dpmsolve.zoo.train patches --threads 1``.
 """
 
