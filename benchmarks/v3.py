@@ -211,7 +211,7 @@ def main() -> None:
     curves = []
     if args.k_curve:
         curves.append(k_curve("mixture-cfg7.5", args.samples, 0, (64, 256, 1024, 4096), 100))
-        curves.append(k_curve("digits", 32, 0, (32, 128, 512), 50))
+        curves.append(k_curve("digits", 32, 0, (64, 256, 1024), 50))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(results, curves)

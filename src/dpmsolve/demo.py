@@ -73,13 +73,13 @@ def run_demo(n: int = 1000, nfes=DEMO_NFES, seed: int = 0, grid: str = "logSNR")
     return DemoResult(table, samples, reference.numpy(), time.perf_counter() - start)
 
 
-def _solve_all(denoiser, x_T, nfes, reference_steps: int, metrics=None) -> DemoResult:
+def _solve_all(denoiser, x_T, nfes, reference_steps: int, metrics=None, solvers=DEMO_SOLVERS) -> DemoResult:
     """Every demo solver at every NFE from ``x_T`` to sigma = 0, against a 3M reference of ``reference_steps``."""
     start = time.perf_counter()
     reference = sample(denoiser, x_T, "dpmsolver++", order=3, solver_type="taylor", steps=reference_steps,
                        t_end=0.0, progress=False).x
     table, samples, quality = [], {}, {}
-    for label, name, options in DEMO_SOLVERS:
+    for label, name, options in solvers:
         for nfe in nfes:
             result = sample(denoiser, x_T, name, steps=nfe, t_end=0.0, progress=False, **options)
             rmse = float(torch.sqrt(((result.x - reference) ** 2).mean()))
@@ -111,7 +111,11 @@ def run_digits_demo(nfes=DEMO_NFES, seed: int = 0, scale: float = 3.0, quality: 
 
     # Reference: third-order DPM-Solver++ with 200 steps (it differs from a 400-step solve by 6e-4 RMSE, far below
     # the errors the demo shows); the adaptive solver needs ~1500 evaluations for rtol 1e-4 on this network.
-    result = _solve_all(denoiser, x_T, nfes, REFERENCE_STEPS, metrics)
+    # DPM-Solver-v3 with the statistics shipped for this model and guidance scale (zoo.statistics).
+    solvers = list(DEMO_SOLVERS)
+    if zoo.statistics_path("digits", scale).is_file():
+        solvers.append(("DPM-Solver-v3", "dpmsolver-v3", {"ems": zoo.statistics("digits", scale), "order": 2}))
+    result = _solve_all(denoiser, x_T, nfes, REFERENCE_STEPS, metrics, solvers)
     if quality:
         from .zoo.metrics import blurred_digits
         from .zoo.train import digits_data

@@ -14,6 +14,7 @@ scikit-learn's 8x8 digits scaled to ``[-1, 1]``; label ``10`` is the null class 
 ``patches`` is an unconditional model of 32x32 RGB patches of scikit-learn's two sample photos (``CosineVP()``
 schedule, v-prediction, network time input ``1000 t``); score its samples with
 :func:`dpmsolve.zoo.metrics.patches_distance`.
+``statistics(name, guidance)`` gives the DPM-Solver-v3 statistics shipped for a model (:mod:`dpmsolve.zoo.ems`).
 ``classifier()`` is a small CNN classifier of the same digits, used by :mod:`dpmsolve.zoo.metrics`
 (``class_accuracy``, ``digits_fd``).
 Reproduce the weights with ``python -m dpmsolve.zoo.train NAME`` (NAME: ``digits``, ``digits-flow``,
@@ -35,7 +36,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MODELS = ("digits", "digits-flow", "patches")
 CLASSIFIERS = ("digits-classifier",)
 
-__all__ = ["CLASSIFIERS", "MODELS", "ZooModel", "classifier", "guided", "load", "weights_path"]
+__all__ = ["CLASSIFIERS", "MODELS", "ZooModel", "classifier", "guided", "load", "statistics", "statistics_path",
+           "weights_path"]
 
 
 @dataclass(frozen=True)
@@ -118,3 +120,6 @@ def guided(model: ZooModel, labels, scale: float = 3.0) -> ClassifierFreeGuidanc
         raise ValueError(f"labels must be in [0, {model.num_classes - 1}].")
     null = torch.full_like(labels, model.null_class)
     return ClassifierFreeGuidance(model.denoiser, scale, cond={"y": labels}, uncond={"y": null})
+
+
+from .ems import statistics, statistics_path  # noqa: E402  (needs load / guided above)

@@ -1,0 +1,46 @@
+"""The DPM-Solver-v3 statistics shipped with the zoo: they load offline, fit their model, and refuse other weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dpmsolve as dp
+from dpmsolve import zoo
+from dpmsolve.ems import EMS, EMSError
+
+
+def test_shipped_digits_statistics_fit_the_model():
+    model = zoo.load("digits")
+    stats = zoo.statistics("digits", 3.0)
+    assert stats.data_shape == model.shape and stats.stat_shape == (1, 1, 1) and stats.n_data >= 256
+    assert stats.model.startswith("digits@") and stats.model.endswith("|cfg=3")
+    assert stats.info["source"] == "trajectory"
+    lo, hi = stats.log_snr_range
+    assert (lo, hi) == pytest.approx(model.schedule.log_snr_range)
+    # l slides from ~1 (noise: data prediction) towards 0 (data: noise prediction), as the paper's Fig. 5.
+    assert stats.l[0].item() == pytest.approx(1.0, abs=0.02) and stats.l[-1].item() < 0.5
+
+
+def test_v3_samples_the_shipped_model():
+    model = zoo.load("digits")
+    labels = torch.arange(4)
+    den = zoo.guided(model, labels, 3.0)
+    x = torch.randn(4, *model.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    out = dp.sample(den, x, "dpmsolver-v3", ems=zoo.statistics("digits", 3.0), steps=8, t_end=0, progress=False)
+    again = dp.sample(den, x, "dpmsolver-v3", ems=str(zoo.statistics_path("digits", 3.0)), steps=8, t_end=0,
+                      progress=False)
+    assert out.nfe == 8 and out.x.dtype == torch.float32 and torch.isfinite(out.x).all()
+    assert torch.equal(out.x, again.x)
+
+
+def test_statistics_of_other_weights_or_settings_are_refused(tmp_path, monkeypatch):
+    stats = zoo.statistics("digits", 3.0)
+    with pytest.raises(EMSError, match="No shipped statistics"):
+        zoo.statistics("digits", 5.0)
+    forged = EMS(stats.lambdas, stats.l, stats.s, stats.b, stats.data_shape, stats.schedule, stats.n_data,
+                 "digits@0000000000000000|cfg=3", stats.info)
+    forged.save(tmp_path / "digits-cfg3.ems.safetensors")
+    monkeypatch.setattr(zoo.ems, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(EMSError, match="recompute them"):
+        zoo.statistics("digits", 3.0)
