@@ -1,6 +1,6 @@
 """DPM-Solver-v3 against our DPM-Solver++ and UniPC: the issue's quality bar, the EMS cost, the half corrector.
 
-    python benchmarks/v3.py                        # analytic problems + the zoo's digits (~15 min on 2 CPU cores)
+    python benchmarks/v3.py                        # analytic problems + the zoo digits (~3 min on 2 CPU cores)
     python benchmarks/v3.py --problems mixture     # one problem
     python benchmarks/v3.py --k-curve              # also v3 error against K (EMS data points) and EMS time
 
@@ -197,7 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", nargs="*", default=["mixture", "mixture-cfg7.5", "digits-kde", "digits"],
                         choices=sorted(PROBLEMS))
-    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=256, help="start noises per analytic problem (zoo: 32)")
     parser.add_argument("--k-curve", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
