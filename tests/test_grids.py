@@ -46,7 +46,8 @@ def test_every_grid_has_steps_plus_one_decreasing_points_and_exact_ends(schedule
 
 
 def test_grid_registry_names():
-    assert {"time_uniform", "logSNR", "time_quadratic", "karras", "exponential", "flow_shift"} <= set(dp.GRIDS)
+    assert {"time_uniform", "logSNR", "time_quadratic", "time_power", "karras", "exponential",
+            "flow_shift"} <= set(dp.GRIDS)
 
 
 @pytest.mark.parametrize("schedule_name", sorted(SCHEDULES))
@@ -58,6 +59,41 @@ def test_log_snr_grid_is_uniform_in_lambda(schedule_name):
         expected = np.linspace(schedule.log_snr(t_start), schedule.log_snr(t_end), 21)
         np.testing.assert_allclose(lam, expected, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(np.diff(lam), np.diff(lam)[0], rtol=1e-8)
+
+
+@pytest.mark.parametrize("schedule_name", sorted(SCHEDULES))
+def test_time_power_is_uniform_in_a_root_of_t_and_spans_uniform_and_quadratic(schedule_name):
+    schedule = SCHEDULES[schedule_name]()
+    ts = dp.make_grid(schedule, 12, "time_power")   # default power 1.5: uniform in t^(2/3)
+    np.testing.assert_allclose(np.diff(ts ** (2 / 3)), (schedule.t_min ** (2 / 3) - schedule.t_max ** (2 / 3)) / 12,
+                               rtol=1e-9)
+    for power, kind in ((1.0, "time_uniform"), (2.0, "time_quadratic")):
+        np.testing.assert_allclose(dp.make_grid(schedule, 12, "time_power", power=power),
+                                   dp.make_grid(schedule, 12, kind), rtol=1e-12)
+    # between the two: each interior time lies between time_uniform's and time_quadratic's
+    tu, tq = dp.make_grid(schedule, 12, "time_uniform"), dp.make_grid(schedule, 12, "time_quadratic")
+    assert np.all((ts[1:-1] < tu[1:-1]) & (ts[1:-1] > tq[1:-1]))
+
+
+def test_time_power_to_zero_and_validation():
+    schedule = dp.DiscreteVP.linear()
+    ts = dp.make_grid(schedule, 6, "time_power", t_end=0)
+    np.testing.assert_allclose(ts, np.linspace(1, 0, 7) ** 1.5, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="power > 0"):
+        dp.make_grid(schedule, 6, "time_power", power=0.0)
+    with pytest.raises(ValueError, match="no option"):
+        dp.make_grid(schedule, 6, "time_power", rho=7)
+
+
+def test_recommended_lab_config_runs_its_grid_to_zero():
+    from dpmsolve.lab import GaussianData
+    from dpmsolve.lab.evaluate import DEFAULT_CONFIGS, RECOMMENDED
+
+    assert RECOMMENDED in DEFAULT_CONFIGS and RECOMMENDED.grid == "time_power"
+    schedule = dp.DiscreteVP.linear()
+    den = GaussianData([0.0, 0.1, -0.1], [0.25, 0.25, 0.25]).denoiser(schedule)
+    res = RECOMMENDED.run(den, torch.randn(4, 3, dtype=torch.float64), 5, "zero")
+    assert res.nfe == 5 and res.ts[-1] == 0.0
 
 
 @pytest.mark.parametrize("schedule_name", sorted(SCHEDULES))

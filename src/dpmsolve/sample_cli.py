@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--order", type=int, default=None,
                         help="solver order (default 2; ddim has no order option)")
     parser.add_argument("--grid", default=None,
-                        help="time grid: logSNR, time_uniform, time_quadratic, karras, exponential, flow_shift "
-                             "(default logSNR; flow_shift for flow-matching pipelines)")
+                        help="time grid: logSNR, time_uniform, time_quadratic, time_power, karras, exponential, "
+                             "flow_shift (default logSNR; flow_shift for flow-matching pipelines)")
     parser.add_argument("--steps", type=int, default=20, help="model evaluations (default 20)")
     parser.add_argument("--final", choices=["zero", "min"], default="zero",
                         help="end the grid at sigma = 0 (default) or at the schedule's smallest training noise")

@@ -179,11 +179,12 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver = "dpmsolve
             options as keyword arguments (``order=3``, ``method="singlestep"``, ``solver_type="taylor"``, ...), or
             a Solver object.
         steps: grid intervals (default 20). For every fixed-grid solver NFE = steps (+1 with denoise_to_zero).
-        grid: a grid name (``"logSNR"``, ``"time_uniform"``, ``"time_quadratic"``, ``"karras"``, ``"exponential"``,
-            ``"flow_shift"``) or an explicit strictly decreasing array of times inside the schedule's range. A grid
-            may end at t = 0 (``t_end=0`` for a named grid): the last step then goes to sigma = 0 by the x0
+        grid: a grid name (``"logSNR"``, ``"time_uniform"``, ``"time_quadratic"``, ``"time_power"``, ``"karras"``,
+            ``"exponential"``, ``"flow_shift"``) or an explicit strictly decreasing array of times inside the schedule's
+            range. A grid may end at t = 0 (``t_end=0`` for a named grid): the last step then goes to sigma = 0 by the x0
             prediction at the previous time, as diffusers' and k-diffusion's grids do; NFE stays ``steps``.
-        grid_options: options of a named grid, e.g. ``{"rho": 7}`` for karras, ``{"shift": 3}`` for flow_shift.
+        grid_options: options of a named grid, e.g. ``{"rho": 7}`` for karras, ``{"power": 1.5}`` for time_power,
+            ``{"shift": 3}`` for flow_shift.
         denoise_to_zero: one more evaluation at the end, returning its x0 prediction.
         generator / seed: randomness of stochastic solvers (a seed creates a CPU generator on x's device).
         callback: called with a :class:`StepInfo` after every completed step.
