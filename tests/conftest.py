@@ -1,5 +1,7 @@
 """Shared fixtures: float64 by default, seeded generators, the analytic problems."""
 
+import socket
+
 import pytest
 import torch
 
@@ -60,3 +62,13 @@ def gaussian():
 @pytest.fixture
 def mixture():
     return GaussianMixture.random(k=3, dim=2, seed=0)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test (models and data must load offline)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("zoo.load must not touch the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

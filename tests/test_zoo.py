@@ -1,7 +1,6 @@
 """The shipped zoo models: offline deterministic loading, metadata, sampling, and a cheap quality check."""
 
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -16,15 +15,6 @@ from dpmsolve.zoo.train import digits_data, eps_loss, schedule_tables, train_dig
 @pytest.fixture(scope="module")
 def digits():
     return zoo.load("digits")
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("zoo.load must not touch the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_weights_are_packaged_and_small():

@@ -7,6 +7,7 @@ import torch
 
 import dpmsolve as dp
 from dpmsolve import zoo
+from dpmsolve.zoo import ems as zoo_ems
 from dpmsolve.ems import EMS, EMSError
 
 
@@ -20,6 +21,19 @@ def test_shipped_digits_statistics_fit_the_model():
     assert (lo, hi) == pytest.approx(model.schedule.log_snr_range)
     # l slides from ~1 (noise: data prediction) towards 0 (data: noise prediction), as the paper's Fig. 5.
     assert stats.l[0].item() == pytest.approx(1.0, abs=0.02) and stats.l[-1].item() < 0.5
+
+
+@pytest.mark.parametrize("name", sorted(zoo_ems.SHIPPED))
+def test_every_shipped_statistics_file_loads_and_fits(name):
+    guidance, k, n = zoo_ems.SHIPPED[name]
+    model = zoo.load(name)
+    stats = zoo.statistics(name, guidance)
+    assert stats.n_data == k and stats.lambdas.size == n + 1 and stats.data_shape == model.shape
+    assert stats.stat_shape == (model.shape[0],) + (1,) * (len(model.shape) - 1)       # shared over positions
+    x = torch.randn(2, *model.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    den = zoo.guided(model, torch.arange(2), guidance) if guidance is not None else model.denoiser
+    out = dp.sample(den, x, "dpmsolver-v3", ems=stats, steps=6, t_end=0, progress=False)
+    assert torch.isfinite(out.x).all() and out.x.abs().max() < 5
 
 
 def test_v3_samples_the_shipped_model():
@@ -41,6 +55,6 @@ def test_statistics_of_other_weights_or_settings_are_refused(tmp_path, monkeypat
     forged = EMS(stats.lambdas, stats.l, stats.s, stats.b, stats.data_shape, stats.schedule, stats.n_data,
                  "digits@0000000000000000|cfg=3", stats.info)
     forged.save(tmp_path / "digits-cfg3.ems.safetensors")
-    monkeypatch.setattr(zoo.ems, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(zoo_ems, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(EMSError, match="recompute them"):
         zoo.statistics("digits", 3.0)

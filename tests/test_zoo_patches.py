@@ -1,7 +1,6 @@
 """The shipped patches model, the patches distance and the zoo models as lab problems (cached references)."""
 
 import json
-import socket
 
 import pytest
 import torch
@@ -17,15 +16,6 @@ from dpmsolve.zoo.train import (PATCH, PATCH_BLOCK, heldout_blocks, patches_data
 @pytest.fixture(scope="module")
 def patches():
     return zoo.load("patches")
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("zoo.load must not touch the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,15 @@ def _solve_all(denoiser, x_T, nfes, reference_steps: int, metrics=None, solvers=
                       reference_steps)
 
 
+def _with_v3(name: str, guidance: float | None) -> list:
+    """The demo solvers, plus DPM-Solver-v3 when statistics ship for this zoo model and guidance scale."""
+    from . import zoo
+
+    if not zoo.statistics_path(name, guidance).is_file():
+        return list(DEMO_SOLVERS)
+    return [*DEMO_SOLVERS, ("DPM-Solver-v3", "dpmsolver-v3", {"ems": zoo.statistics(name, guidance), "order": 2})]
+
+
 def run_digits_demo(nfes=DEMO_NFES, seed: int = 0, scale: float = 3.0, quality: bool = True) -> DemoResult:
     """The shipped digits model, guided, two of each digit, every solver from the same noise to sigma = 0;
     with ``quality``, the class accuracy and digits-FD of each solver's 20 samples."""
@@ -111,11 +120,7 @@ def run_digits_demo(nfes=DEMO_NFES, seed: int = 0, scale: float = 3.0, quality: 
 
     # Reference: third-order DPM-Solver++ with 200 steps (it differs from a 400-step solve by 6e-4 RMSE, far below
     # the errors the demo shows); the adaptive solver needs ~1500 evaluations for rtol 1e-4 on this network.
-    # DPM-Solver-v3 with the statistics shipped for this model and guidance scale (zoo.statistics).
-    solvers = list(DEMO_SOLVERS)
-    if zoo.statistics_path("digits", scale).is_file():
-        solvers.append(("DPM-Solver-v3", "dpmsolver-v3", {"ems": zoo.statistics("digits", scale), "order": 2}))
-    result = _solve_all(denoiser, x_T, nfes, REFERENCE_STEPS, metrics, solvers)
+    result = _solve_all(denoiser, x_T, nfes, REFERENCE_STEPS, metrics, _with_v3("digits", scale))
     if quality:
         from .zoo.metrics import blurred_digits
         from .zoo.train import digits_data
@@ -147,7 +152,7 @@ def run_patches_demo(nfes=DEMO_NFES, seed: int = 0, n: int = 20, quality: bool =
 
     # Reference: 3M with 200 steps (8e-4 RMSE from an 800-step solve: the jump to sigma = 0 makes the
     # convergence first order in the step count; still far below the errors shown at 20 NFE).
-    result = _solve_all(model.denoiser, x_T, nfes, PATCHES_REFERENCE_STEPS, metrics)
+    result = _solve_all(model.denoiser, x_T, nfes, PATCHES_REFERENCE_STEPS, metrics, _with_v3("patches", None))
     if quality:
         real = patches_data("test")
         real = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]]

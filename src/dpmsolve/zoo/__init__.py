@@ -122,4 +122,15 @@ def guided(model: ZooModel, labels, scale: float = 3.0) -> ClassifierFreeGuidanc
     return ClassifierFreeGuidance(model.denoiser, scale, cond={"y": labels}, uncond={"y": null})
 
 
-from .ems import statistics, statistics_path  # noqa: E402  (needs load / guided above)
+def statistics(name: str, guidance: float | None = 3.0):
+    """The DPM-Solver-v3 statistics shipped for zoo model ``name`` at ``guidance`` (see :mod:`dpmsolve.zoo.ems`)."""
+    from .ems import statistics as shipped
+
+    return shipped(name, guidance)
+
+
+def statistics_path(name: str, guidance: float | None = 3.0) -> Path:
+    """Where the statistics of ``name`` at ``guidance`` ship (see :mod:`dpmsolve.zoo.ems`)."""
+    from .ems import statistics_path as where
+
+    return where(name, guidance)

@@ -27,7 +27,7 @@ from . import WEIGHTS_DIR, guided, load, weights_path
 __all__ = ["SHIPPED", "statistics", "statistics_path", "compute_statistics"]
 
 # name -> (guidance scale or None, K, N): what ships in weights/.
-SHIPPED = {"digits": (3.0, 1024, 50)}
+SHIPPED = {"digits": (3.0, 1024, 50), "digits-flow": (3.0, 256, 50), "patches": (None, 256, 50)}
 
 
 def _weights_id(name: str) -> str:
