@@ -296,3 +296,24 @@ def test_shared_statistics_serve_other_resolutions():
     with pytest.raises(EMSError, match="only the shape they were estimated on"):
         per_element.check(schedule, (3, 16, 16))
     assert per_element.share().stat_shape == (3, 1, 1)
+
+
+def test_plans_are_cached_per_statistics_grid_and_settings(mixture):
+    """Planning with per-element statistics is the expensive part; a second init on the same grid reuses it, and
+    any change of statistics, settings or grid plans anew (same numbers as an uncached plan)."""
+    from dpmsolve.solvers import v3 as v3_module
+
+    schedule = dp.DiscreteVP.linear()
+    ems = random_ems(schedule, dim=2, nodes=9, seed=4)
+    ts = dp.make_grid(schedule, 6, "logSNR")
+    first = dp.DPMSolverV3(ems, order=2).plan(schedule, ts)
+    assert dp.DPMSolverV3(ems, order=2).plan(schedule, ts) is first          # another solver object, same settings
+    assert dp.DPMSolverV3(ems, order=3).plan(schedule, ts) is not first
+    assert dp.DPMSolverV3(ems, order=2).plan(schedule, dp.make_grid(schedule, 7, "logSNR")) is not first
+    copy = EMS(ems.lambdas, ems.l, ems.s, ems.b, ems.data_shape, ems.schedule)
+    again = dp.DPMSolverV3(copy, order=2).plan(schedule, ts)
+    assert again is not first
+    v3_module._PLANS.clear()
+    fresh = dp.DPMSolverV3(ems, order=2).plan(schedule, ts)
+    for a, b in zip(fresh[1], first[1]):
+        assert all(np.array_equal(x, y) for x, y in zip(a.coeffs, b.coeffs)) and np.array_equal(a.a, b.a)

@@ -29,6 +29,8 @@ from .base import FixedGridSolver, warmup_orders
 from .dpm_solver import _check_order
 
 HALVES = (None, "noisy", "clean")
+_PLANS: list = []          # most recent first: (EMS, key, (nodes, stages)); see DPMSolverV3.plan
+_PLAN_CACHE_SIZE = 8
 
 
 class DPMSolverV3(FixedGridSolver):
@@ -99,6 +101,26 @@ class DPMSolverV3(FixedGridSolver):
     def init(self, schedule, ts, x, generator=None):
         self.statistics.check(schedule, tuple(x.shape[1:]))
         return super().init(schedule, ts, x, generator)
+
+    def plan(self, schedule, ts):
+        """The base plan, cached: with per-element statistics the step integrals cost ~0.6 s for a 20-step grid
+        of Stable-Diffusion latents (4x64x64) on a CPU, which a pipeline would otherwise pay at every generation.
+        The key holds the EMS object itself (its arrays are read-only), the settings, the schedule and the grid."""
+        ts = np.asarray(ts, dtype=np.float64)
+        key = (self._settings(), schedule.fingerprint(), ts.tobytes())
+        ems = self.statistics
+        for i, (cached_ems, cached_key, result) in enumerate(_PLANS):
+            if cached_ems is ems and cached_key == key:
+                _PLANS.insert(0, _PLANS.pop(i))
+                return result
+        result = super().plan(schedule, ts)
+        _PLANS.insert(0, (ems, key, result))
+        del _PLANS[_PLAN_CACHE_SIZE:]
+        return result
+
+    def _settings(self) -> tuple:
+        return (self._order, self.predictor_pseudo, self.corrector, self.corrector_pseudo, self.half,
+                self.half_split, self.lower_order_final)
 
     def _check_nodes(self, schedule, nodes):
         self.statistics.check(schedule)
