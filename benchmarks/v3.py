@@ -170,7 +170,8 @@ def markdown(results, curves) -> str:
         lines += [f"## v3 error against K ({c['problem']})", "", "| K | EMS wall s | " +
                   " | ".join(f"NFE {k}" for k in c["rmse"]) + " |", "|---:|---:|" + "---:|" * len(c["rmse"])]
         for i, k in enumerate(c["K"]):
-            lines.append(f"| {k} | {c['wall_seconds'][i]} | " + " | ".join(f"{c['rmse'][n][i]:.4f}" for n in c["rmse"]) + " |")
+            errs = " | ".join(f"{c['rmse'][n][i]:.4f}" for n in c["rmse"])
+            lines.append(f"| {k} | {c['wall_seconds'][i]} | {errs} |")
         lines.append("| best ++ / UniPC | | " + " | ".join(f"{c['best_baseline'][n]:.4f}" for n in c["rmse"]) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -192,7 +193,8 @@ def plot(results, curves, path: Path) -> None:
     for ax, c in zip(axes[0][len(results):], curves):
         for nfe, errs in c["rmse"].items():
             line, = ax.plot(c["K"], errs, marker="o", label=f"v3, NFE {nfe}")
-            ax.axhline(c["best_baseline"][nfe], color=line.get_color(), ls="--", lw=1, label=f"best ++/UniPC, NFE {nfe}")
+            ax.axhline(c["best_baseline"][nfe], color=line.get_color(), ls="--", lw=1,
+                       label=f"best ++/UniPC, NFE {nfe}")
         ax.set(xscale="log", yscale="log", title=f"v3 vs K ({c['problem']})", xlabel="K (EMS data points)")
     axes[0][0].legend(fontsize=6)
     axes[0][-1].legend(fontsize=6)

@@ -26,7 +26,8 @@ class CorrelatedGaussian(dp.Denoiser):
 
     def __call__(self, x, t, **kwargs):
         a, s = self.schedule.alpha_sigma(t)
-        gain = torch.linalg.solve(a * a * self.cov + s * s * torch.eye(len(self.mu)), a * self.cov).T  # (C a)(a^2 C + s^2)^-1
+        # E[x0 | x] = mu + a C (a^2 C + s^2 I)^-1 (x - a mu), rows of x as samples
+        gain = torch.linalg.solve(a * a * self.cov + s * s * torch.eye(len(self.mu)), a * self.cov).T
         x0 = self.mu + (x - a * self.mu) @ gain
         return dp.Prediction(x0, (x - a * x0) / s)
 

@@ -174,7 +174,9 @@ def _tile(images: np.ndarray, cols: int = 10, gap: float = -1.0) -> np.ndarray:
     return out[..., 0] if c == 1 else out
 
 
-def plot_digits(result: DemoResult, path: Path, nfes=DEMO_NFES) -> Path:
+def _plot_samples(result: DemoResult, path: Path, nfes, show, quality_text, title: str, size) -> Path:
+    """One row per solver, one column per NFE plus the reference: ``show(ax, images)`` draws a tile of samples,
+    ``quality_text(q)`` captions their quality metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,46 +184,36 @@ def plot_digits(result: DemoResult, path: Path, nfes=DEMO_NFES) -> Path:
 
     labels = list(dict.fromkeys(label for label, *_ in result.table))
     errors = {(label, nfe): err for label, nfe, _, err in result.table}
-    fig, axes = plt.subplots(len(labels), len(nfes) + 1, figsize=(3.2 * (len(nfes) + 1), 1.0 + 1.05 * len(labels)))
+    figsize = (size[0] * (len(nfes) + 1), 1.0 + size[1] * len(labels))
+    fig, axes = plt.subplots(len(labels), len(nfes) + 1, figsize=figsize)
     for row, label in enumerate(labels):
         for col, nfe in enumerate(list(nfes) + [None]):
             ax = axes[row, col]
-            images = result.reference if nfe is None else result.samples[(label, nfe)]
-            ax.imshow(_tile(images), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
+            show(ax, result.reference if nfe is None else result.samples[(label, nfe)])
             q = result.quality.get((label, nfe)) if nfe is not None else result.baselines.get("reference")
-            extra = f"\nacc {q['accuracy']:.0%}, FD {q['digits-FD']:.1f}" if q else ""
-            title = (f"reference (3M, {result.reference_steps} steps)" if nfe is None else
-                     f"{label}, NFE {nfe}: RMSE {errors[(label, nfe)]:.3f}") + extra
-            ax.set_title(title, fontsize=7)
+            caption = (f"reference (3M, {result.reference_steps} steps)" if nfe is None else
+                       f"{label}, NFE {nfe}: RMSE {errors[(label, nfe)]:.3f}") + (quality_text(q) if q else "")
+            ax.set_title(caption, fontsize=7)
             ax.axis("off")
-    fig.suptitle("dpmsolve demo: shipped digits model, classifier-free guidance 3, same noise for every solver",
-                 fontsize=9)
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def plot_digits(result: DemoResult, path: Path, nfes=DEMO_NFES) -> Path:
+    return _plot_samples(
+        result, path, nfes,
+        lambda ax, images: ax.imshow(_tile(images), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest"),
+        lambda q: f"\nacc {q['accuracy']:.0%}, FD {q['digits-FD']:.1f}",
+        "dpmsolve demo: shipped digits model, classifier-free guidance 3, same noise for every solver", (3.2, 1.05))
 
 
 def plot_patches(result: DemoResult, path: Path, nfes=DEMO_NFES) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(dict.fromkeys(label for label, *_ in result.table))
-    errors = {(label, nfe): err for label, nfe, _, err in result.table}
-    fig, axes = plt.subplots(len(labels), len(nfes) + 1, figsize=(4.4 * (len(nfes) + 1), 1.0 + 1.2 * len(labels)))
-    for row, label in enumerate(labels):
-        for col, nfe in enumerate(list(nfes) + [None]):
-            ax = axes[row, col]
-            images = result.reference if nfe is None else result.samples[(label, nfe)]
-            ax.imshow((_tile(images, gap=1.0) + 1) / 2, interpolation="nearest")
-            q = result.quality.get((label, nfe)) if nfe is not None else result.baselines.get("reference")
-            extra = f", dist {q['distance']:.2f}" if q else ""
-            title = (f"reference (3M, {result.reference_steps} steps)" if nfe is None else
-                     f"{label}, NFE {nfe}: RMSE {errors[(label, nfe)]:.3f}") + extra
-            ax.set_title(title, fontsize=7)
-            ax.axis("off")
-    fig.suptitle("dpmsolve demo: shipped patches model (32x32 photo patches, cosine schedule, v-prediction), "
-                 "same noise for every solver", fontsize=9)
-    return _save(fig, path)
+    return _plot_samples(
+        result, path, nfes,
+        lambda ax, images: ax.imshow((_tile(images, gap=1.0) + 1) / 2, interpolation="nearest"),
+        lambda q: f", dist {q['distance']:.2f}",
+        "dpmsolve demo: shipped patches model (32x32 photo patches, cosine schedule, v-prediction), "
+        "same noise for every solver", (4.4, 1.2))
 
 
 def _save(fig, path: Path) -> Path:

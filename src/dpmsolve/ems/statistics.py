@@ -115,9 +115,10 @@ class EMS:
         self.check_range(lam)
         flat = np.clip(lam.reshape(-1), self.lambdas[0], self.lambdas[-1])
         k = np.clip(np.searchsorted(self.lambdas, flat, side="right") - 1, 0, self.lambdas.size - 2)
-        w = ((flat - self.lambdas[k]) / (self.lambdas[k + 1] - self.lambdas[k])).reshape((-1,) + (1,) * len(self.stat_shape))
-        out = tuple(((1.0 - w) * a[k] + w * a[k + 1]).reshape(lam.shape + self.stat_shape) for a in (self.l, self.s, self.b))
-        return out
+        w = (flat - self.lambdas[k]) / (self.lambdas[k + 1] - self.lambdas[k])
+        w = w.reshape((-1,) + (1,) * len(self.stat_shape))
+        shape = lam.shape + self.stat_shape
+        return tuple(((1.0 - w) * a[k] + w * a[k + 1]).reshape(shape) for a in (self.l, self.s, self.b))
 
     def check_range(self, lam) -> None:
         lo, hi = self.log_snr_range

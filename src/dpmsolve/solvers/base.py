@@ -225,9 +225,13 @@ class FixedGridSolver(Solver):
     def _check_nodes(self, schedule: Schedule, nodes: tuple[Node, ...]) -> None:
         """Raise a ValueError for a grid this solver cannot run (every grid by default is fine)."""
 
+    def _placed(self, stages: tuple[Stage, ...], x: torch.Tensor) -> tuple[Stage, ...]:
+        """The stages with array coefficients as tensors on x's device and dtype (see ``_place``)."""
+        return tuple(_place(stage, x) for stage in stages)
+
     def init(self, schedule, ts, x, generator=None) -> State:
         nodes, stages = self.plan(schedule, ts)
-        stages = tuple(_place(stage, x) for stage in stages)
+        stages = self._placed(stages, x)
         return State(x=x, x_eval=x, i=0, anchor_index=0, nodes=nodes, stages=stages, generator=generator)
 
     def ask(self, state: State):

@@ -29,7 +29,7 @@ from .base import FixedGridSolver, warmup_orders
 from .dpm_solver import _check_order
 
 HALVES = (None, "noisy", "clean")
-_PLANS: list = []          # most recent first: (EMS, key, (nodes, stages)); see DPMSolverV3.plan
+_PLANS: list = []          # most recent first: (EMS, key, (nodes, stages), placed tensors); see DPMSolverV3.plan
 _PLAN_CACHE_SIZE = 8
 
 
@@ -109,14 +109,24 @@ class DPMSolverV3(FixedGridSolver):
         ts = np.asarray(ts, dtype=np.float64)
         key = (self._settings(), schedule.fingerprint(), ts.tobytes())
         ems = self.statistics
-        for i, (cached_ems, cached_key, result) in enumerate(_PLANS):
+        for i, (cached_ems, cached_key, result, _) in enumerate(_PLANS):
             if cached_ems is ems and cached_key == key:
                 _PLANS.insert(0, _PLANS.pop(i))
                 return result
         result = super().plan(schedule, ts)
-        _PLANS.insert(0, (ems, key, result))
+        _PLANS.insert(0, (ems, key, result, {}))
         del _PLANS[_PLAN_CACHE_SIZE:]
         return result
+
+    def _placed(self, stages, x):
+        # The tensors of a cached plan, per device and dtype, are cached with it (a few ms for SD latents).
+        for _, _, (_, cached_stages), placed in _PLANS:
+            if cached_stages is stages:
+                where = (x.device, x.dtype)
+                if where not in placed:
+                    placed[where] = super()._placed(stages, x)
+                return placed[where]
+        return super()._placed(stages, x)
 
     def _settings(self) -> tuple:
         return (self._order, self.predictor_pseudo, self.corrector, self.corrector_pseudo, self.half,
