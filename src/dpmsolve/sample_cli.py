@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", type=int, default=None,
                         help="class label for a class-conditional --model (default: cycle through the classes)")
     parser.add_argument("--solver", default="dpmsolver++",
-                        help="dpmsolve solver: ddim, dpmsolver, dpmsolver++, sde-dpmsolver++, unipc "
-                             "(default dpmsolver++)")
+                        help="dpmsolve solver: ddim, dpmsolver, dpmsolver++, sde-dpmsolver++, unipc, dpmsolver-v3 "
+                             "(--model only: it uses the statistics shipped with the model; default dpmsolver++)")
     parser.add_argument("--order", type=int, default=None,
                         help="solver order (default 2; ddim has no order option)")
     parser.add_argument("--grid", default=None,
@@ -142,9 +142,12 @@ def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = No
         labels = torch.full((batch,), label) if label is not None else torch.arange(batch) % model.num_classes
         denoiser = zoo.guided(model, labels, 3.0 if guidance is None else guidance)
     x = torch.randn((batch, *model.shape), generator=torch.Generator().manual_seed(seed))
+    options = _solver_options(solver, order)
+    if solver == "dpmsolver-v3":   # the statistics shipped for this model and guidance scale
+        options["ems"] = zoo.statistics(name, None if model.num_classes == 0 else (3.0 if guidance is None else guidance))
     try:
         result = sample(denoiser, x, solver, steps=steps, grid=grid or "logSNR", t_end=0.0 if final == "zero" else None,
-                        seed=seed, **_solver_options(solver, order))
+                        seed=seed, **options)
     except ValueError as exc:
         raise SampleError(str(exc)) from None
     images = ((result.x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
