@@ -17,13 +17,11 @@ returns the stored tensor bit for bit. Delete the cache folder to regenerate.
 
 from __future__ import annotations
 
-import hashlib
-from functools import lru_cache
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..zoo import weights_hash
 from .evaluate import LabProblem
 
 __all__ = ["ZOO_PROBLEMS", "weights_hash", "zoo_problem", "zoo_problems"]
@@ -31,24 +29,6 @@ __all__ = ["ZOO_PROBLEMS", "weights_hash", "zoo_problem", "zoo_problems"]
 # The problems `dpmsolve bench --zoo` adds by default: (model name, guidance scale or None).
 ZOO_PROBLEMS = (("digits", 3.0), ("digits-flow", 3.0), ("patches", None))
 REFERENCE_RTOL = 1e-4
-
-
-@lru_cache(maxsize=None)
-def _file_hash(path: str, mtime_ns: int, size: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def weights_hash(name: str) -> str:
-    """The first 16 hex digits of the SHA-256 of zoo model ``name``'s weight file."""
-    from ..zoo import weights_path
-
-    path = Path(weights_path(name))
-    st = path.stat()
-    return _file_hash(str(path), st.st_mtime_ns, st.st_size)
 
 
 def zoo_problem(name: str, n: int = 16, seed: int = 0, guidance: float | None = None,

@@ -23,8 +23,10 @@ Reproduce the weights with ``python -m dpmsolve.zoo.train NAME`` (NAME: ``digits
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -37,7 +39,7 @@ MODELS = ("digits", "digits-flow", "patches")
 CLASSIFIERS = ("digits-classifier",)
 
 __all__ = ["CLASSIFIERS", "MODELS", "ZooModel", "classifier", "guided", "load", "statistics", "statistics_path",
-           "weights_path"]
+           "weights_hash", "weights_path"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,23 @@ def load(name: str) -> ZooModel:
     return ZooModel(name=name, net=net, schedule=schedule, denoiser=denoiser,
                     num_classes=int(meta["num_classes"]), null_class=int(meta["null_class"]),
                     shape=tuple(json.loads(meta["shape"])), metadata=meta)
+
+
+@lru_cache(maxsize=None)
+def _file_hash(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def weights_hash(name: str) -> str:
+    """The first 16 hex digits of the SHA-256 of zoo model ``name``'s weight file (identifies the weights in
+    cached references and shipped statistics)."""
+    path = Path(weights_path(name))
+    st = path.stat()
+    return _file_hash(str(path), st.st_mtime_ns, st.st_size)
 
 
 def classifier(name: str = "digits-classifier") -> torch.nn.Module:

@@ -15,14 +15,13 @@ weights' hash, and loading refuses statistics of other weights.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 from pathlib import Path
 
 import torch
 
 from ..ems import EMS, EMSError, compute
-from . import WEIGHTS_DIR, guided, load, weights_path
+from . import WEIGHTS_DIR, guided, load, weights_hash
 
 __all__ = ["SHIPPED", "statistics", "statistics_path", "compute_statistics"]
 
@@ -30,9 +29,9 @@ __all__ = ["SHIPPED", "statistics", "statistics_path", "compute_statistics"]
 SHIPPED = {"digits": (3.0, 1024, 50), "digits-flow": (3.0, 256, 50), "patches": (None, 256, 50)}
 
 
-def _weights_id(name: str) -> str:
-    digest = hashlib.sha256(Path(weights_path(name)).read_bytes()).hexdigest()[:16]
-    return f"{name}@{digest}"
+def _model_id(name: str, guidance: float | None) -> str:
+    """What the statistics file records as its model: the weights' hash and the guidance scale."""
+    return f"{name}@{weights_hash(name)}" + ("" if guidance is None else f"|cfg={guidance:g}")
 
 
 def statistics_path(name: str, guidance: float | None) -> Path:
@@ -46,7 +45,7 @@ def compute_statistics(name: str, guidance: float | None = 3.0, k: int = 1024, n
     model = load(name)
     options = dict(n_data=k, shape=model.shape, schedule=model.schedule, n_lambdas=n_lambdas, shared=True,
                    seed=seed, batch_size=batch_size, progress=progress, checkpoint=checkpoint, dtype=torch.float32)
-    model_id = _weights_id(name) + ("" if guidance is None else f"|cfg={guidance:g}")
+    model_id = _model_id(name, guidance)
     if model.num_classes and guidance is not None:
         return compute(lambda c: guided(model, c["y"], guidance), conditions={"y": torch.arange(k) % model.num_classes},
                        model_id=model_id, **options)
@@ -63,7 +62,7 @@ def statistics(name: str, guidance: float | None = 3.0) -> EMS:
                        f"with `python -m dpmsolve.zoo.ems {name} --guidance {guidance}`.")
     model = load(name)
     ems = EMS.load(path, model.schedule, model.shape)
-    expected = _weights_id(name) + ("" if guidance is None else f"|cfg={guidance:g}")
+    expected = _model_id(name, guidance)
     if ems.model != expected:
         raise EMSError(f"{path} holds statistics of {ems.model!r}, not of the current {expected!r}; recompute them "
                        f"with `python -m dpmsolve.zoo.ems {name}`.")
