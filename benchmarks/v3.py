@@ -2,14 +2,16 @@
 
     python benchmarks/v3.py                        # analytic problems + the zoo models (~5 min on 2 CPU cores)
     python benchmarks/v3.py --problems mixture     # one problem
-    python benchmarks/v3.py --k-curve              # also v3 error against K (EMS data points) and EMS time
+    python benchmarks/v3.py --k-curve              # only: v3 error against K (EMS data points) and EMS time
+    python benchmarks/v3.py --sharing              # only: statistics shared across positions vs per element
 
 For each analytic problem the EMS are computed here (wall time reported); the zoo models use the statistics
 shipped with dpmsolve (``dpmsolve.zoo.statistics``, their recorded wall time). Then every configuration samples the same
 start noise on the same grid (uniform logSNR to t_min, the v3 paper's setting) at NFE 5, 6, 8, 10, and the RMSE
 against the reference (exact DOP853 for the analytic problems, the lab's cached high-accuracy solve for the
 zoo model) is tabulated. "ratio" = v3 (the default configuration) / best of our DPM-Solver++ and UniPC
-configurations at that NFE; the issue's bar is <= 0.8. Writes benchmarks/results/v3.md, v3.json, v3.png.
+configurations at that NFE; the issue's bar is <= 0.8. Writes benchmarks/results/v3.md, v3.json, v3.png
+(the studies: v3_k_curve.* and v3_sharing.*).
 """
 
 from __future__ import annotations
@@ -155,6 +157,42 @@ def k_curve(name: str, n: int, seed: int, ks, n_lambdas: int, nfes=(6, 10)) -> d
     return out
 
 
+def sharing_study(name: str, ks, n: int = 32, seed: int = 0, n_lambdas: int = 50) -> dict:
+    """v3 on a zoo model with statistics shared across positions (what ships) and per element, from the same
+    points (same seed) for each K: what sharing costs in accuracy."""
+    problem, spec = PROBLEMS[name](n, seed)
+    ref = problem.reference("t_min")
+    rows = []
+    for k in ks:
+        for shared in (True, False):
+            options = spec(k)
+            options["shared"] = shared
+            denoiser = options.pop("denoiser", problem.denoiser)
+            start = time.perf_counter()
+            ems = dp.ems.compute(denoiser, n_lambdas=n_lambdas, batch_size=256, progress=False, **options)
+            wall = time.perf_counter() - start
+            errs = [rmse(problem, ref, "dpmsolver-v3", nfe, ems=ems, **V3[DEFAULT_V3]) for nfe in NFES]
+            rows.append({"K": k, "shared": shared, "stat_shape": ems.stat_shape, "wall_seconds": round(wall, 1),
+                         "rmse": errs})
+            print(name, rows[-1], flush=True)
+    return {"problem": name, "n_lambdas": n_lambdas, "rows": rows}
+
+
+def sharing_markdown(studies) -> str:
+    lines = ["# DPM-Solver-v3: statistics shared across positions vs per element (RMSE, uniform logSNR to t_min)", "",
+             "Same points (seed) for both at each K; v3 = order 2 with the full corrector; 32 start noises.", ""]
+    for st in studies:
+        lines += [f"## {st['problem']} (N = {st['n_lambdas']})", "",
+                  "| K | statistics | EMS wall s | " + " | ".join(f"NFE {k}" for k in NFES) + " |",
+                  "|---:|---|---:|" + "---:|" * len(NFES)]
+        for r in st["rows"]:
+            kind = f"shared {tuple(r['stat_shape'])}" if r["shared"] else f"per element {tuple(r['stat_shape'])}"
+            lines.append(f"| {r['K']} | {kind} | {r['wall_seconds']} | " + " | ".join(f"{v:.4f}" for v in r["rmse"])
+                         + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def markdown(results, curves) -> str:
     lines = ["# DPM-Solver-v3 vs our DPM-Solver++ and UniPC (uniform logSNR grid to t_min, RMSE)", ""]
     for r in results:
@@ -207,26 +245,41 @@ def main() -> None:
     parser.add_argument("--problems", nargs="*", choices=sorted(PROBLEMS),
                         default=["mixture", "mixture-cfg7.5", "digits-kde", "digits", "digits-flow", "patches"])
     parser.add_argument("--samples", type=int, default=256, help="start noises per analytic problem (zoo: 32)")
-    parser.add_argument("--k-curve", action="store_true")
+    parser.add_argument("--k-curve", action="store_true", help="only the study of v3's error against K")
+    parser.add_argument("--sharing", nargs="*", choices=sorted(set(PROBLEMS) - set(ANALYTIC)), default=None,
+                        help="only the study of shared vs per-element statistics (default models: all zoo models)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.sharing is not None:
+        ks = {"digits": (256, 1024), "digits-flow": (256, 1024), "patches": (64, 256)}
+        studies = [sharing_study(name, ks[name]) for name in (args.sharing or ("digits", "digits-flow", "patches"))]
+        text = sharing_markdown(studies)
+        (out / "v3_sharing.md").write_text(text + "\n")
+        (out / "v3_sharing.json").write_text(json.dumps(studies, indent=1, default=str))
+        print(text)
+        return
+    if args.k_curve:
+        curves = [k_curve("mixture-cfg7.5", args.samples, 0, (64, 256, 1024, 4096), 100),
+                  k_curve("digits", 32, 0, (64, 256, 1024), 50)]
+        text = markdown([], curves)
+        (out / "v3_k_curve.md").write_text(text + "\n")
+        (out / "v3_k_curve.json").write_text(json.dumps({"k_curves": curves}, indent=1, default=str))
+        plot([], curves, out / "v3_k_curve.png")
+        print(text)
+        return
     results = []
     for name in args.problems:
         n = args.samples if name in ANALYTIC else min(args.samples, 32)
         results.append(measure(name, n, seed=0))
         r = results[-1]
         print(name, "EMS", r["ems"], "ratio", " ".join(f"{v:.2f}" for v in r["ratio"]), flush=True)
-    curves = []
-    if args.k_curve:
-        curves.append(k_curve("mixture-cfg7.5", args.samples, 0, (64, 256, 1024, 4096), 100))
-        curves.append(k_curve("digits", 32, 0, (64, 256, 1024), 50))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = markdown(results, curves)
+    text = markdown(results, [])
     (out / "v3.md").write_text(text + "\n")
-    (out / "v3.json").write_text(json.dumps({"results": results, "k_curves": curves}, indent=1, default=str))
-    plot(results, curves, out / "v3.png")
+    (out / "v3.json").write_text(json.dumps({"results": results}, indent=1, default=str))
+    plot(results, [], out / "v3.png")
     print(text)
     print(f"wrote {out / 'v3.md'}, v3.json, v3.png")
 
