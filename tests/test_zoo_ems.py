@@ -25,10 +25,11 @@ def test_shipped_digits_statistics_fit_the_model():
 
 @pytest.mark.parametrize("name", sorted(zoo_ems.SHIPPED))
 def test_every_shipped_statistics_file_loads_and_fits(name):
-    guidance, k, n = zoo_ems.SHIPPED[name]
+    guidance, k, n, fd_step = zoo_ems.SHIPPED[name]
     model = zoo.load(name)
     stats = zoo.statistics(name, guidance)
     assert stats.n_data == k and stats.lambdas.size == n + 1 and stats.data_shape == model.shape
+    assert stats.info["fd_step"] == (3e-3 if fd_step is None else fd_step)
     assert stats.stat_shape == (model.shape[0],) + (1,) * (len(model.shape) - 1)       # shared over positions
     x = torch.randn(2, *model.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     den = zoo.guided(model, torch.arange(2), guidance) if guidance is not None else model.denoiser
