@@ -3,9 +3,10 @@
     python benchmarks/accuracy.py            # all lab problems, NFE 5..20, ours and the peers (~5 min on 2 CPU cores)
     python benchmarks/accuracy.py --zoo      # also the shipped zoo models (digits, digits-flow, patches)
     python benchmarks/accuracy.py --zoo patches --out /tmp/zoo-results
+    python benchmarks/accuracy.py --draws 8     # only: how the guided-mixture cells move with the start noise
 
 Writes benchmarks/results/accuracy.md (full tables), accuracy.json, accuracy.png and summary.md (the README's
-recommended configuration and the best of ours vs the best peer per NFE). References are cached in $DPMSOLVE_CACHE (default ~/.cache/dpmsolve).
+recommended configuration and the best of ours vs the best peer per NFE); ``--draws`` writes accuracy_draws.md. References are cached in $DPMSOLVE_CACHE (default ~/.cache/dpmsolve).
 """
 
 from __future__ import annotations
@@ -14,8 +15,14 @@ import argparse
 import math
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from dpmsolve.lab.bench import run_bench
-from dpmsolve.lab.evaluate import LAB_NFES, RECOMMENDED
+from dpmsolve.lab.evaluate import LAB_NFES, RECOMMENDED, LabProblem, standard_problems
+from dpmsolve.lab.peers import run_peer
+
+DRAW_PEERS = ("diffusers:ddim", "diffusers:dpm++2m", "diffusers:dpm++3m", "diffusers:unipc-bh2")
 
 
 def summary(report) -> str:
@@ -57,6 +64,36 @@ def summary(report) -> str:
     return "\n".join(lines + [""] + winners)
 
 
+def draws_study(draws: int, samples: int = 64, nfes=(5, 6, 8, 10)) -> str:
+    """The guided mixture (CFG 7.5) with ``draws`` other sets of ``samples`` start noises: the recommended
+    configuration against the diffusers peers that win its cells, per draw (to sigma = 0, exact references)."""
+    (base,) = standard_problems(n=samples, seed=0, names=["mixture-cfg7.5"])
+    lines = [f"# mixture-cfg7.5: the recommended configuration vs diffusers peers over {draws} draws of {samples} start "
+             "noises (RMSE to sigma = 0)", "",
+             "| NFE | draw | recommended | " + " | ".join(p.split(":")[1] for p in DRAW_PEERS) + " | ratio to best |",
+             "|---:|---:|---:|" + "---:|" * (len(DRAW_PEERS) + 1)]
+    summary = []
+    for nfe in nfes:
+        ratios = []
+        for draw in range(draws):
+            x_T = torch.randn((samples, 8), generator=torch.Generator().manual_seed(1000 + draw), dtype=torch.float64)
+            problem = LabProblem(base.name, base.denoiser, x_T, f"mixture-cfg7.5|draw{1000 + draw}|{samples}",
+                                 base.x0_fn)
+            ref = problem.reference("zero")
+
+            def err(x):
+                return float(((x.double() - ref) ** 2).mean().sqrt()) if x is not None else math.nan
+
+            rec = err(RECOMMENDED.run(base.denoiser, x_T, nfe, "zero").x)
+            peers = [err(run_peer(name, base.denoiser, x_T, nfe, "zero").x) for name in DRAW_PEERS]
+            ratios.append(rec / np.nanmin(peers))
+            lines.append(f"| {nfe} | {draw} | {rec:.3f} | " + " | ".join(f"{v:.3f}" for v in peers)
+                         + f" | {ratios[-1]:.2f} |")
+        summary.append(f"- NFE {nfe}: ratio recommended / best peer from {min(ratios):.2f} to {max(ratios):.2f} "
+                       f"(median {np.median(ratios):.2f}); <= 1 in {sum(r <= 1 for r in ratios)} of {draws} draws")
+    return "\n".join(lines + [""] + summary)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -64,7 +101,14 @@ def main() -> None:
     parser.add_argument("--zoo", nargs="*", default=None, metavar="MODEL",
                         help="also the shipped zoo models (no names: digits, digits-flow and patches)")
     parser.add_argument("--zoo-samples", type=int, default=16)
+    parser.add_argument("--draws", type=int, default=0, help="only the study over start-noise draws (guided mixture)")
     args = parser.parse_args()
+    if args.draws:
+        text = draws_study(args.draws, args.samples)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "accuracy_draws.md").write_text(text + "\n")
+        print(text)
+        return
     zoo = () if args.zoo is None else (args.zoo or ["digits", "digits-flow", "patches"])
     report = run_bench(samples=args.samples, out=args.out, zoo=zoo, zoo_samples=args.zoo_samples)
     text = summary(report)
