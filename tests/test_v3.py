@@ -278,6 +278,11 @@ def test_missing_or_mismatched_statistics_raise_clear_errors(mixture):
         dp.sample(den, x, "dpmsolver-v3", ems=narrow, steps=5)
     inside = float(schedule.t_from_log_snr(lo + 1.0))
     assert dp.sample(den, x, "dpmsolver-v3", ems=narrow, steps=5, t_start=inside, progress=False).nfe == 5
+    spiky_s = np.zeros((5, 2))
+    spiky_s[1] = 500.0                    # a spurious spike, as too wide a derivative step produced on a KDE
+    spiky = EMS(np.linspace(lo, hi, 5), np.ones((5, 2)), spiky_s, np.zeros((5, 2)), (2,), schedule.fingerprint())
+    with pytest.raises(EMSError, match="statistics are unsound"):
+        dp.sample(den, x, "dpmsolver-v3", ems=spiky, steps=5)
     for bad in (dict(order=4), dict(half="both"), dict(corrector="yes"), dict(ems=np.ones(3))):
         with pytest.raises(ValueError):
             dp.DPMSolverV3(**{"ems": "degenerate", **bad})
