@@ -199,8 +199,10 @@ def test_shared_statistics_pool_the_positions():
             return dp.Prediction(p.x0.reshape(x.shape), p.eps.reshape(x.shape))
 
     x0 = g.data_sample(50, torch.Generator().manual_seed(0)).reshape(50, 2, 3, 3)
-    full = dp.ems.compute(Image(), x0, n_lambdas=6, batch_size=50, progress=False)
-    shared = dp.ems.compute(Image(), x0, n_lambdas=6, batch_size=50, shared=True, progress=False)
+    # 40 intervals: on 6, l' (a central difference of l across the nodes) is so coarse that s comes out in the
+    # hundreds where f hardly varies, and v3 rightly refuses the statistics.
+    full = dp.ems.compute(Image(), x0, n_lambdas=40, batch_size=50, progress=False)
+    shared = dp.ems.compute(Image(), x0, n_lambdas=40, batch_size=50, shared=True, progress=False)
     assert full.stat_shape == (2, 3, 3) and shared.stat_shape == (2, 1, 1) and shared.data_shape == (2, 3, 3)
     assert np.allclose(shared.l, full.l.mean(axis=(2, 3), keepdims=True), atol=1e-12)
     shared.check(schedule, (2, 5, 7))                # one file, other resolutions
@@ -215,7 +217,8 @@ def test_shared_statistics_pool_the_positions():
             p = self.inner(x.reshape(len(x), -1), t)
             return dp.Prediction(p.x0.reshape(x.shape), p.eps.reshape(x.shape))
 
-    assert dp.sample(Big(), x, "dpmsolver-v3", ems=shared, steps=5, progress=False).x.shape == x.shape
+    out = dp.sample(Big(), x, "dpmsolver-v3", ems=shared, steps=5, progress=False).x
+    assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().max() < 10
 
 
 def test_trajectory_source_and_guidance_factory():
