@@ -6,7 +6,8 @@
     python benchmarks/accuracy.py --draws 8     # only: how the guided-mixture cells move with the start noise
 
 Writes benchmarks/results/accuracy.md (full tables), accuracy.json, accuracy.png and summary.md (the README's
-recommended configuration and the best of ours vs the best peer per NFE); ``--draws`` writes accuracy_draws.md. References are cached in $DPMSOLVE_CACHE (default ~/.cache/dpmsolve).
+recommended configuration and the best of ours vs the best peer per NFE); ``--draws`` writes accuracy_draws.md.
+References are cached in $DPMSOLVE_CACHE (default ~/.cache/dpmsolve).
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def draws_study(draws: int, samples: int = 64, nfes=(5, 6, 8, 10)) -> str:
     """The guided mixture (CFG 7.5) with ``draws`` other sets of ``samples`` start noises: the recommended
     configuration against the diffusers peers that win its cells, per draw (to sigma = 0, exact references)."""
     (base,) = standard_problems(n=samples, seed=0, names=["mixture-cfg7.5"])
-    lines = [f"# mixture-cfg7.5: the recommended configuration vs diffusers peers over {draws} draws of {samples} start "
-             "noises (RMSE to sigma = 0)", "",
+    lines = [f"# mixture-cfg7.5: the recommended configuration vs diffusers peers over {draws} draws of {samples} "
+             "start noises (RMSE to sigma = 0)", "",
              "| NFE | draw | recommended | " + " | ".join(p.split(":")[1] for p in DRAW_PEERS) + " | ratio to best |",
              "|---:|---:|---:|" + "---:|" * (len(DRAW_PEERS) + 1)]
     summary = []

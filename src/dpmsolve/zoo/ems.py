@@ -27,7 +27,8 @@ import torch
 from ..ems import EMS, EMSError, compute
 from . import WEIGHTS_DIR, guided, load, weights_hash
 
-__all__ = ["SHIPPED", "statistics", "statistics_path", "compute_statistics"]
+__all__ = ["SHIPPED", "Shipped", "statistics", "statistics_path", "compute_statistics"]
+
 
 class Shipped(NamedTuple):
     """How the shipped statistics of one model were computed."""
