@@ -261,3 +261,22 @@ def test_finite_difference_jvp_agrees_with_forward_mode():
 
     with pytest.raises(EMSError, match="finite_difference"):
         dp.ems.compute(Numpy(), x0, n_lambdas=4, batch_size=200, progress=False)
+
+
+def test_lambda_batched_estimate_equals_one_node_per_call():
+    """Several log-SNR nodes in one network call (a guided zoo network): the same statistics."""
+    from dpmsolve import zoo
+
+    model = zoo.load("digits")
+    options = dict(n_data=12, shape=model.shape, schedule=model.schedule, n_lambdas=7, shared=True, batch_size=6,
+                   conditions={"y": torch.arange(12) % 10}, progress=False, dtype=torch.float32)
+    factory = lambda c: zoo.guided(model, c["y"], 3.0)  # noqa: E731
+    one = dp.ems.compute(factory, **options)
+    for lambda_batch in (3, 8):
+        batched = dp.ems.compute(factory, lambda_batch=lambda_batch, **options)
+        for name in ("l", "s", "b"):
+            np.testing.assert_allclose(getattr(batched, name), getattr(one, name), rtol=1e-5, atol=1e-6)
+    mix = GaussianMixture.random(k=2, dim=2, seed=0)
+    with pytest.raises(EMSError, match="one time per sample"):
+        dp.ems.compute(mix.denoiser(dp.DiscreteVP.linear()), mix.data_sample(8, torch.Generator().manual_seed(0)),
+                       n_lambdas=4, lambda_batch=2, progress=False)

@@ -475,3 +475,27 @@ def test_wrappers_keep_half_precision(dtype, generator):
         ref = stack(x.double(), 0.6)
         torch.testing.assert_close(out.x0.double(), ref.x0, rtol=0.05, atol=0.1)
         torch.testing.assert_close(out.eps.double(), ref.eps, rtol=0.05, atol=0.1)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "score", "flow"])
+@pytest.mark.parametrize("time_input", ["continuous", "discrete"])
+def test_per_sample_times_equal_one_call_per_time(prediction, time_input, generator):
+    """ems.compute stacks several log-SNR nodes into one call: t as an array, one time per sample."""
+    schedule = dp.DiscreteVP.linear()
+    net = Recorder(lambda x, t, **kw: torch.sin(x) * (1 + t.to(x.dtype)[:, None, None] / 1000))
+    den = dp.wrap_model(net, schedule, prediction=prediction, time_input=time_input)
+    guided = dp.ClassifierFreeGuidance(den, 2.5, cond={"c": torch.ones(6)}, uncond={"c": torch.zeros(6)})
+    assert den.per_sample_time and guided.per_sample_time
+    x = torch.randn((6, 2, 4), generator=generator, dtype=torch.float64)
+    ts = np.repeat([0.9, 0.31, 0.004], 2)
+    for model in (den, guided):
+        batched = model(x, ts)
+        for i in range(0, 6, 2):
+            alone = dp.ClassifierFreeGuidance(den, 2.5, cond={"c": torch.ones(2)}, uncond={"c": torch.zeros(2)}) \
+                if model is guided else den
+            one = alone(x[i:i + 2], float(ts[i]))
+            assert torch.allclose(batched.x0[i:i + 2], one.x0, rtol=1e-12, atol=1e-12)
+            assert torch.allclose(batched.eps[i:i + 2], one.eps, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="one time per sample"):
+        den(x, ts[:3])
+    assert not dp.DynamicThresholding(den).per_sample_time       # wrappers that need one time say so

@@ -11,6 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Mapping, NamedTuple
 
+import numpy as np
 import torch
 
 from .schedules import DiscreteVP, Schedule
@@ -49,13 +50,24 @@ class Denoiser(ABC):
         """The time value handed to the network for schedule time ``t`` (the schedule's t by default)."""
         return t
 
+    @property
+    def per_sample_time(self) -> bool:
+        """Whether ``t`` may also be a 1-D numpy array of one time per sample (networks wrapped by
+        :func:`wrap_model` and classifier-free guidance over them): lets ``ems.compute`` put several log-SNR
+        nodes into one network call. Solvers always pass a float."""
+        return False
+
 
 # Conversions use fused ops on fresh tensors (one allocation each): they run once per model evaluation.
 def _x0_eps_from_eps(out, x, a, s):
+    if isinstance(s, torch.Tensor):                # per-sample times
+        return (x - s * out) / a, out
     return torch.sub(x, out, alpha=s).div_(a), out
 
 
 def _x0_eps_from_x0(out, x, a, s):
+    if isinstance(a, torch.Tensor):
+        return out, (x - a * out) / s
     return out, torch.sub(x, out, alpha=a).div_(s)
 
 
@@ -150,10 +162,26 @@ class ModelDenoiser(Denoiser):
                     return p.dtype
         return x.dtype
 
-    def __call__(self, x: torch.Tensor, t: float, **model_kwargs) -> Prediction:
+    @property
+    def per_sample_time(self) -> bool:
+        return True
+
+    def __call__(self, x: torch.Tensor, t: float | np.ndarray, **model_kwargs) -> Prediction:
         # The network sees its own dtype; the conversion to (x0, eps) runs in x's (sample() passes >= float32).
         net_dtype = self._net_dtype(x)
-        t_net = _time_tensor(self.network_time(t), x).to(torch.promote_types(net_dtype, torch.float32))
+        time_dtype = torch.promote_types(net_dtype, torch.float32)
+        if isinstance(t, np.ndarray):              # one time per sample (see Denoiser.per_sample_time)
+            ts = t.astype(np.float64).reshape(-1)
+            if ts.size != x.shape[0]:
+                raise ValueError(f"Per-sample times need one time per sample: got {ts.size} for a batch of "
+                                 f"{x.shape[0]}.")
+            t_net = torch.tensor([self.network_time(float(v)) for v in ts], dtype=time_dtype, device=x.device)
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            a, s = (torch.as_tensor(np.asarray(v, dtype=np.float64)).to(x.device, x.dtype).reshape(shape)
+                    for v in (self.schedule.alpha(ts), self.schedule.sigma(ts)))
+        else:
+            t_net = _time_tensor(self.network_time(t), x).to(time_dtype)
+            a, s = self.schedule.alpha_sigma(t)
         out = self.net(x.to(net_dtype), t_net, **{**self.model_kwargs, **model_kwargs})
         if not isinstance(out, torch.Tensor):
             out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
@@ -162,7 +190,6 @@ class ModelDenoiser(Denoiser):
                 f"The model returned shape {tuple(out.shape)} for input shape {tuple(x.shape)}; it must return "
                 "one prediction of the input's shape (drop learned-variance channels before wrapping)."
             )
-        a, s = self.schedule.alpha_sigma(t)
         return Prediction(*self._convert(out.to(x.dtype), x, a, s))
 
     def __repr__(self) -> str:
@@ -275,13 +302,18 @@ class ClassifierFreeGuidance(_Wrapper):
         self.cond, self.uncond = dict(cond), dict(uncond)
         self._both = _concat_kwargs(self.uncond, self.cond)
 
+    @property
+    def per_sample_time(self) -> bool:
+        return self.inner.per_sample_time
+
     def __call__(self, x, t, **model_kwargs):
         if self.scale == 1.0:
             return self.inner(x, t, **{**self.cond, **model_kwargs})
-        # Per-call tensors with a batch dimension go to both halves.
+        # Per-call tensors with a batch dimension go to both halves (so do per-sample times).
         shared = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == x.shape[0]
                   else v for k, v in model_kwargs.items()}
-        both = self.inner(torch.cat([x, x]), t, **{**self._both, **shared})
+        t_both = np.concatenate([t, t]) if isinstance(t, np.ndarray) else t
+        both = self.inner(torch.cat([x, x]), t_both, **{**self._both, **shared})
         (x0_u, x0_c), (eps_u, eps_c) = both.x0.chunk(2), both.eps.chunk(2)
         return Prediction(x0_u + self.scale * (x0_c - x0_u), eps_u + self.scale * (eps_c - eps_u))
 

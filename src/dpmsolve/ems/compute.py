@@ -140,7 +140,8 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
             n_data: int | None = None, shape=None, conditions: Mapping[str, torch.Tensor] | None = None,
             schedule: Schedule | None = None, n_lambdas: int = 100, t_start: float | None = None,
             t_end: float | None = None, source: str | None = None, batch_size: int = 256, shared: bool = False,
-            probes: int = 1, fd_step: float | None = None, smooth: int = 5, var_floor: float = 1e-8,
+            lambda_batch: int = 1, probes: int = 1, fd_step: float | None = None, smooth: int = 5,
+            var_floor: float = 1e-8,
             trajectory_refine: int = 2, seed: int = 0, checkpoint=None, progress: bool | None = None,
             model_id: str = "", dtype: torch.dtype | None = None, device=None, jvp: str = "forward") -> EMS:
     """Estimate l, s, b of ``denoiser`` on ``n_lambdas + 1`` nodes uniform in log-SNR.
@@ -159,8 +160,12 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
         t_start, t_end: the time range (default the schedule's); sampling must stay inside it.
         source: ``'data'`` (x = alpha x0 + sigma z; default with data) or ``'trajectory'`` (points on tight ODE
             solves started at t_start; default without data).
-        batch_size: points per model call. shared: pool the statistics over all dimensions but the first
-            (channels), so one EMS serves several resolutions.
+        batch_size: data points per batch. lambda_batch: log-SNR nodes per network call (the call then holds
+            ``lambda_batch * batch_size`` points, one time per point): fills a GPU with few data points per batch.
+            Needs a denoiser that takes per-sample times (``denoiser.per_sample_time``: networks wrapped by
+            ``wrap_model``, and classifier-free guidance over them). The estimate is the same as with 1.
+            shared: pool the statistics over all dimensions but the first (channels), so one EMS serves several
+            resolutions.
         probes: Rademacher probes per point for l. fd_step: lambda step of the central difference for the total
             derivative (default 1e-4 in float64, 3e-3 otherwise). Trained networks can be rough in t at the
             scale of a few train steps; then a small step makes s jump from node to node (the same for any K:
@@ -195,6 +200,11 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
         raise EMSError(f"jvp must be 'forward' or 'finite_difference', got {jvp!r}.")
     if not isinstance(probes, int) or probes < 1:
         raise EMSError(f"probes must be a positive integer, got {probes!r}.")
+    if not isinstance(lambda_batch, int) or lambda_batch < 1:
+        raise EMSError(f"lambda_batch must be a positive integer, got {lambda_batch!r}.")
+    if lambda_batch > 1 and not _resolve(denoiser, batches[0][2])[0].per_sample_time:
+        raise EMSError("lambda_batch > 1 needs a denoiser that takes one time per sample (denoiser.per_sample_time: "
+                       "networks wrapped by dpmsolve.wrap_model, and classifier-free guidance over them); use 1.")
     t_start = schedule.t_max if t_start is None else float(t_start)
     t_end = schedule.t_min if t_end is None else float(t_end)
     if not (schedule.contains(t_start) and schedule.contains(t_end) and t_start > t_end):
@@ -233,18 +243,28 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
             if source == "trajectory":
                 path = _trajectory(den, schedule, times, x0, n, batches.shape, gen, dtype, device,
                                    trajectory_refine, call_kwargs)
-            for j, (lam, t) in enumerate(zip(lambdas, times)):
-                a, s = schedule.alpha_sigma(float(t))
-                if path is not None:
-                    x = path[j]
-                else:
-                    z = torch.randn((n,) + batches.shape, generator=gen, dtype=torch.float64).to(device, dtype)
-                    x = a * x0.to(device, dtype) + s * z
-                moments = _node_moments(den, schedule, x, float(lam), (lambdas[0], lambdas[-1]), fd, probes, gen,
-                                        call_kwargs, reduce_dims, jvp)
-                for key, value in moments.items():
-                    sums[key][j] += np.reshape(value, stat_shape)
-                bar.update(1)
+            grouped = {}                     # nodes in a call -> (denoiser, model kwargs) for that many copies
+            for first in range(0, lambdas.size, lambda_batch):
+                nodes = range(first, min(first + lambda_batch, lambdas.size))
+                points, draws = [], []
+                for j in nodes:              # random numbers in the same order whatever lambda_batch is
+                    if path is not None:
+                        points.append(path[j])
+                    else:
+                        a, s = schedule.alpha_sigma(float(times[j]))
+                        z = torch.randn((n,) + batches.shape, generator=gen, dtype=torch.float64).to(device, dtype)
+                        points.append(a * x0.to(device, dtype) + s * z)
+                    draws.append([_rademacher(points[-1].shape, gen, dtype, device) for _ in range(probes)])
+                if len(nodes) not in grouped:
+                    grouped[len(nodes)] = (_resolve(denoiser, _repeat(kwargs, len(nodes))) if len(nodes) > 1
+                                           else (den, call_kwargs))
+                group_den, group_kwargs = grouped[len(nodes)]
+                moments = _node_moments(group_den, schedule, points, lambdas[list(nodes)], (lambdas[0], lambdas[-1]),
+                                        fd, draws, group_kwargs, reduce_dims, jvp)
+                for j, node_moments in zip(nodes, moments):
+                    for key, value in node_moments.items():
+                        sums[key][j] += np.reshape(value, stat_shape)
+                bar.update(len(nodes))
             done = k + 1
             if checkpoint is not None and done < batches.count:
                 _save_checkpoint(checkpoint, settings, sums, done, elapsed + time.perf_counter() - start)
@@ -293,35 +313,59 @@ def _jvp(den, t, kwargs, x, v, mode, fd):
                        "torch operations, or pass jvp='finite_difference'.") from err
 
 
-def _node_moments(den, schedule, x, lam, lam_range, fd, probes, gen, kwargs, dims, mode) -> dict[str, np.ndarray]:
-    t = float(schedule.t_from_log_snr(lam))
-    a, s = schedule.alpha_sigma(t)
+def _repeat(kwargs: dict, copies: int) -> dict:
+    """Per-point model kwargs for ``copies`` stacked copies of a batch."""
+    return {k: torch.cat([v] * copies) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in kwargs.items()}
+
+
+def _node_moments(den, schedule, points, lams, lam_range, fd, draws, kwargs, dims, mode) -> list[dict[str, np.ndarray]]:
+    """The sums of every moment at each of the nodes ``lams`` (points, probes per node) from one set of network
+    calls: with several nodes the points are stacked and each carries its own time."""
+    n, g = points[0].shape[0], len(points)
+    ts = np.asarray(schedule.t_from_log_snr(np.asarray(lams, dtype=np.float64)), dtype=np.float64)
+    al, si = np.atleast_1d(schedule.alpha(ts)), np.atleast_1d(schedule.sigma(ts))
+    x = torch.cat(points)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+
+    def per_point(values):                       # one value per node -> a column over the stacked points
+        return torch.as_tensor(np.repeat(np.asarray(values, dtype=np.float64), n)).to(x.device, x.dtype).reshape(shape)
+
+    def when(t_nodes):                           # what the denoiser is called with
+        return float(t_nodes[0]) if g == 1 else np.repeat(t_nodes, n)
+
+    a, s = (float(al[0]), float(si[0])) if g == 1 else (per_point(al), per_point(si))
     hutch = 0.0
     eps = None
-    for _ in range(probes):
-        v = _rademacher(x.shape, gen, x.dtype, x.device)
-        eps, jv = _jvp(den, t, kwargs, x, v, mode, fd)
-        hutch = hutch + (s * jv * v).double().sum(dim=dims).cpu().numpy() / probes
+    for p in range(len(draws[0])):
+        v = torch.cat([d[p] for d in draws])
+        eps, jv = _jvp(den, when(ts), kwargs, x, v, mode, fd)
+        hutch = hutch + (s * jv * v).double() / len(draws[0])
     eps = eps.detach()
     # Total derivative along the ODE: central difference along its tangent in y = x / alpha.
     y = x / a
-    dy = -math.exp(-lam) * eps                                       # dy/dlambda
-    lo, hi = max(lam - fd, lam_range[0]), min(lam + fd, lam_range[1])
+    scale = np.exp(-np.asarray(lams, dtype=np.float64))
+    sc = float(scale[0]) if g == 1 else per_point(scale)
+    dy = -sc * eps                                                   # dy/dlambda
+    lo, hi = np.maximum(lams - fd, lam_range[0]), np.minimum(lams + fd, lam_range[1])
     with torch.no_grad():
         ends = []
         for other in (lo, hi):
-            t_o = float(schedule.t_from_log_snr(other))
-            a_o = schedule.alpha_sigma(t_o)[0]
-            ends.append(den(a_o * (y + (other - lam) * dy), t_o, **kwargs).eps)
-    deps = (ends[1] - ends[0]) / (hi - lo)
-    scale = math.exp(-lam)
-    e, d, yy = (scale * eps).double(), (scale * deps).double(), y.double()
-
-    def total(u):
-        return u.sum(dim=dims).cpu().numpy()
-
-    return {"l": hutch, "e": total(e), "d": total(d), "y": total(yy), "ee": total(e * e), "yy": total(yy * yy),
-            "ey": total(e * yy), "ed": total(e * d), "yd": total(yy * d)}
+            t_o = np.asarray(schedule.t_from_log_snr(other), dtype=np.float64)
+            a_o = np.atleast_1d(schedule.alpha(t_o))
+            step = other - lams
+            a_o_, step_ = (float(a_o[0]), float(step[0])) if g == 1 else (per_point(a_o), per_point(step))
+            ends.append(den(a_o_ * (y + step_ * dy), when(t_o), **kwargs).eps)
+    width = hi - lo
+    deps = (ends[1] - ends[0]) / (float(width[0]) if g == 1 else per_point(width))
+    e, d, yy = (sc * eps).double(), (sc * deps).double(), y.double()
+    out = []
+    for j in range(g):
+        r = slice(j * n, (j + 1) * n)
+        h, ej, dj, yj = hutch[r], e[r], d[r], yy[r]
+        terms = {"l": h, "e": ej, "d": dj, "y": yj, "ee": ej * ej, "yy": yj * yj, "ey": ej * yj, "ed": ej * dj,
+                 "yd": yj * dj}
+        out.append({key: u.sum(dim=dims).cpu().numpy() for key, u in terms.items()})
+    return out
 
 
 def _save_checkpoint(path: Path, settings: dict, sums: dict, done: int, elapsed: float) -> None:
