@@ -150,8 +150,10 @@ def test_sample_shipped_model_with_dpm_solver_v3(model, tmp_path, capsys):
     m = zoo.load(model)
     den = m.denoiser if model == "patches" else zoo.guided(m, torch.arange(2), 3.0)
     x = torch.randn((2, *m.shape), generator=torch.Generator().manual_seed(0))   # as the command draws it
-    ems = zoo.statistics(model, None if model == "patches" else 3.0)
-    ref = dp.sample(den, x, "dpmsolver-v3", ems=ems, order=2, steps=6, t_end=0.0, seed=0, progress=False).x
+    scale = None if model == "patches" else 3.0
+    ems = zoo.statistics(model, scale)
+    ref = dp.sample(den, x, "dpmsolver-v3", ems=ems, steps=6, t_end=0.0, seed=0, progress=False,
+                    **dp.DPMSolverV3.recommended(scale)).x
     pixels = ((ref.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     first = pixels[0].reshape(pixels.shape[-2:]) if pixels.shape[1] == 1 else pixels[0].transpose(1, 2, 0)
     got = arrays[0][::4, ::4] if arrays[0].ndim == 2 or pixels.shape[1] == 3 else arrays[0][::4, ::4, 0]

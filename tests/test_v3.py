@@ -322,3 +322,12 @@ def test_plans_are_cached_per_statistics_grid_and_settings(mixture):
     fresh = dp.DPMSolverV3(ems, order=2).plan(schedule, ts)
     for a, b in zip(fresh[1], first[1]):
         assert all(np.array_equal(x, y) for x, y in zip(a.coeffs, b.coeffs)) and np.array_equal(a.a, b.a)
+
+
+def test_recommended_settings_by_guidance():
+    """Order 3 with the pseudo predictor unguided, 2 guided, and the noisy-half corrector from scale 5."""
+    rec = dp.DPMSolverV3.recommended
+    assert rec() == rec(1.0) == {"order": 3, "predictor_pseudo": True}
+    assert rec(3.0) == {"order": 2} and rec(7.5) == {"order": 2, "half": "noisy"}
+    for scale in (None, 3.0, 7.5):
+        assert dp.DPMSolverV3("degenerate", **rec(scale)).order == 2

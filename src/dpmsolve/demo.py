@@ -93,12 +93,15 @@ def _solve_all(denoiser, x_T, nfes, reference_steps: int, metrics=None, solvers=
 
 
 def _with_v3(name: str, guidance: float | None) -> list:
-    """The demo solvers, plus DPM-Solver-v3 when statistics ship for this zoo model and guidance scale."""
+    """The demo solvers, plus DPM-Solver-v3 (its recommended settings) when statistics ship for this zoo model
+    and guidance scale."""
     from . import zoo
+    from .solvers import DPMSolverV3
 
     if not zoo.statistics_path(name, guidance).is_file():
         return list(DEMO_SOLVERS)
-    return [*DEMO_SOLVERS, ("DPM-Solver-v3", "dpmsolver-v3", {"ems": zoo.statistics(name, guidance), "order": 2})]
+    options = {"ems": zoo.statistics(name, guidance), **DPMSolverV3.recommended(guidance)}
+    return [*DEMO_SOLVERS, ("DPM-Solver-v3", "dpmsolver-v3", options)]
 
 
 def run_digits_demo(nfes=DEMO_NFES, seed: int = 0, scale: float = 3.0, quality: bool = True) -> DemoResult:

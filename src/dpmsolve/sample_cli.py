@@ -143,8 +143,13 @@ def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = No
         denoiser = zoo.guided(model, labels, 3.0 if guidance is None else guidance)
     x = torch.randn((batch, *model.shape), generator=torch.Generator().manual_seed(seed))
     options = _solver_options(solver, order)
-    if solver == "dpmsolver-v3":   # the statistics shipped for this model and guidance scale
-        options["ems"] = zoo.statistics(name, None if model.num_classes == 0 else (3.0 if guidance is None else guidance))
+    if solver == "dpmsolver-v3":   # the statistics shipped for this model and guidance scale, recommended settings
+        scale = None if model.num_classes == 0 else (3.0 if guidance is None else guidance)
+        if order is None:
+            from .solvers import DPMSolverV3
+
+            options = DPMSolverV3.recommended(scale)
+        options = {**options, "ems": zoo.statistics(name, scale)}
     try:
         result = sample(denoiser, x, solver, steps=steps, grid=grid or "logSNR", t_end=0.0 if final == "zero" else None,
                         seed=seed, **options)
@@ -160,7 +165,8 @@ def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = No
         path = out / (f"sample_{i:04d}.png" if labels is None else f"sample_{i:04d}_label{int(labels[i])}.png")
         Image.fromarray(pixels).save(path)
         paths.append(path)
-    print(f"{name}: {solver} {_solver_options(solver, order)}, {steps} NFE ({result.nfe} used), "
+    shown = {k: v for k, v in options.items() if k != "ems"}
+    print(f"{name}: {solver} {shown}, {steps} NFE ({result.nfe} used), "
           + ("unconditional" if labels is None else f"guidance {3.0 if guidance is None else guidance}"))
     return paths
 
