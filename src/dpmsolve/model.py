@@ -38,7 +38,8 @@ class Prediction(NamedTuple):
 
 
 class Denoiser(ABC):
-    """Base of all denoisers: ``denoiser(x, t, **model_kwargs) -> Prediction`` for a scalar time ``t``."""
+    """Base of all denoisers: ``denoiser(x, t, **model_kwargs) -> Prediction`` for a scalar time ``t`` (or, where
+    ``per_sample_time``, an array of one time per sample)."""
 
     schedule: Schedule
 
