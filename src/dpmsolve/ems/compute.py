@@ -330,10 +330,10 @@ def _node_moments(den, schedule, points, lams, lam_range, fd, draws, kwargs, dim
     def per_point(values):                       # one value per node -> a column over the stacked points
         return torch.as_tensor(np.repeat(np.asarray(values, dtype=np.float64), n)).to(x.device, x.dtype).reshape(shape)
 
-    def when(t_nodes):                           # what the denoiser is called with
+    def when(t_nodes):                           # the denoiser's time: a float for one node, else one per point
         return float(t_nodes[0]) if g == 1 else np.repeat(t_nodes, n)
 
-    a, s = (float(al[0]), float(si[0])) if g == 1 else (per_point(al), per_point(si))
+    a, s = per_point(al), per_point(si)
     hutch = 0.0
     eps = None
     for p in range(len(draws[0])):
@@ -344,7 +344,7 @@ def _node_moments(den, schedule, points, lams, lam_range, fd, draws, kwargs, dim
     # Total derivative along the ODE: central difference along its tangent in y = x / alpha.
     y = x / a
     scale = np.exp(-np.asarray(lams, dtype=np.float64))
-    sc = float(scale[0]) if g == 1 else per_point(scale)
+    sc = per_point(scale)
     dy = -sc * eps                                                   # dy/dlambda
     lo, hi = np.maximum(lams - fd, lam_range[0]), np.minimum(lams + fd, lam_range[1])
     with torch.no_grad():
@@ -352,11 +352,8 @@ def _node_moments(den, schedule, points, lams, lam_range, fd, draws, kwargs, dim
         for other in (lo, hi):
             t_o = np.asarray(schedule.t_from_log_snr(other), dtype=np.float64)
             a_o = np.atleast_1d(schedule.alpha(t_o))
-            step = other - lams
-            a_o_, step_ = (float(a_o[0]), float(step[0])) if g == 1 else (per_point(a_o), per_point(step))
-            ends.append(den(a_o_ * (y + step_ * dy), when(t_o), **kwargs).eps)
-    width = hi - lo
-    deps = (ends[1] - ends[0]) / (float(width[0]) if g == 1 else per_point(width))
+            ends.append(den(per_point(a_o) * (y + per_point(other - lams) * dy), when(t_o), **kwargs).eps)
+    deps = (ends[1] - ends[0]) / per_point(hi - lo)
     e, d, yy = (sc * eps).double(), (sc * deps).double(), y.double()
     out = []
     for j in range(g):
