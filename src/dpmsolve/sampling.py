@@ -16,6 +16,7 @@ import torch
 from .grids import check_grid, make_grid
 from .model import Denoiser, Prediction
 from .solvers import Solver, get_solver
+from .tune.plan import Plan
 
 __all__ = ["sample", "invert", "Solution", "StepInfo", "NonFiniteError"]
 
@@ -74,6 +75,22 @@ def _resolve_grid(denoiser: Denoiser, grid, steps, t_start, t_end, grid_options)
         raise ValueError("t_start, t_end and grid_options apply to named grids only; an explicit grid holds "
                          "its own times.")
     return ts
+
+
+def _resolve_plan(plan: Plan, denoiser: Denoiser, x, solver_options, **given):
+    """(solver, times, denoise_to_zero) of a plan, refusing options that would change it."""
+    defaults = {"steps": None, "grid": "logSNR", "t_start": None, "t_end": None, "grid_options": None,
+                "denoise_to_zero": False}
+    changed = sorted(k for k, v in given.items() if v is not defaults[k] and v != defaults[k]) + sorted(solver_options)
+    if changed:
+        raise ValueError(f"A plan holds its own times and step settings; {', '.join(changed)} cannot be given with "
+                         "it. Tune a plan for other settings (dpmsolve.tune), or pass a solver name instead.")
+    if not isinstance(denoiser, Denoiser):
+        raise ValueError("denoiser must be built by dpmsolve.wrap_model (or be a dpmsolve.Denoiser), got "
+                         f"{type(denoiser).__name__}.")
+    if isinstance(x, torch.Tensor) and x.dim() >= 1:
+        plan.check(denoiser.schedule, tuple(x.shape[1:]))
+    return plan.solver(), np.asarray(plan.ts, dtype=np.float64), plan.denoise_to_zero
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -163,7 +180,7 @@ def _progress_bar(progress, total, solver):
                 disable=None if progress is None else not progress, leave=False)
 
 
-def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver = "dpmsolver++", *,
+def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver | Plan = "dpmsolver++", *,
            steps: int | None = None, grid: str | Sequence[float] = "logSNR", t_start: float | None = None,
            t_end: float | None = None, grid_options: Mapping[str, Any] | None = None,
            denoise_to_zero: bool = False, generator: torch.Generator | None = None, seed: int | None = None,
@@ -177,7 +194,8 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver = "dpmsolve
         x: the starting noise, shape ``(batch, ...)``; fp16/bf16 stay fp16/bf16 (the solver works in float32).
         solver: a registry name (``"ddim"``, ``"dpmsolver"``, ``"dpmsolver++"``, ``"sde-dpmsolver++"``) with its
             options as keyword arguments (``order=3``, ``method="singlestep"``, ``solver_type="taylor"``, ...), or
-            a Solver object.
+            a Solver object, or a :class:`~dpmsolve.Plan` (from :func:`dpmsolve.tune` or ``Plan.load``), which holds
+            its own times and step settings (then give no grid, steps or solver options).
         steps: grid intervals (default 20). For every fixed-grid solver NFE = steps (+1 with denoise_to_zero).
         grid: a grid name (``"logSNR"``, ``"time_uniform"``, ``"time_quadratic"``, ``"time_power"``, ``"karras"``,
             ``"exponential"``, ``"flow_shift"``) or an explicit strictly decreasing array of times inside the schedule's
@@ -193,8 +211,13 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver = "dpmsolve
         check_finite: stop with :class:`NonFiniteError` (naming the step and t) when the model returns NaN/Inf.
         model_kwargs: keyword arguments for every model call (class labels, text embeddings).
     """
-    solver = _resolve_solver(solver, solver_options)
-    ts = _resolve_grid(denoiser, grid, steps, t_start, t_end, grid_options)
+    if isinstance(solver, Plan):
+        solver, ts, denoise_to_zero = _resolve_plan(solver, denoiser, x, solver_options, steps=steps, grid=grid,
+                                                    t_start=t_start, t_end=t_end, grid_options=grid_options,
+                                                    denoise_to_zero=denoise_to_zero)
+    else:
+        solver = _resolve_solver(solver, solver_options)
+        ts = _resolve_grid(denoiser, grid, steps, t_start, t_end, grid_options)
     ts = check_grid(denoiser.schedule, ts)
     # A grid ending at t = 0: the last step is the jump to sigma = 0 (the x0 prediction at ts[-2]). Fixed-grid
     # solvers plan it themselves; the adaptive solver stops at ts[-2] and the jump is the final evaluation.

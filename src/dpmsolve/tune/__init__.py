@@ -1,0 +1,6 @@
+"""Tuned sampling plans: :class:`Plan` (a grid plus per-step settings, run by the fixed-grid engine) and the
+search that finds one for a model and a step budget (:func:`tune`)."""
+
+from .plan import FORMAT_VERSION, Plan, PlanError, PlanSolver, PlanStep
+
+__all__ = ["Plan", "PlanStep", "PlanSolver", "PlanError", "FORMAT_VERSION"]

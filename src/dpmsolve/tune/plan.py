@@ -1,0 +1,314 @@
+"""Sampling plans: a tuned solver as data (a grid of times plus per-step settings), run by the fixed-grid engine.
+
+A :class:`Plan` holds ``steps + 1`` times and, for each step, the settings the exponential-integrator engine
+already understands: which prediction it integrates (data x0: DPM-Solver++; noise eps: DPM-Solver), its order
+(how many of the latest evaluations of that prediction it interpolates), the weighting rule of the derivative
+terms, an optional UniC corrector (Zhao et al. 2023) of the step's result, and a DC-Solver-style compensation
+(Zhao et al. 2024): the step's expansion point moved by ``compensation * h`` in lambda, which re-times the
+stored predictions to offset their misalignment. Plans are found by :func:`dpmsolve.tune` (the USF / S^3 idea
+of searching the solver per step: Liu et al. 2023, Frankel et al. 2024) or written by hand, saved as small JSON
+files and validated on load against the schedule, sample shape and model they were made for.
+
+The last time may be 0 (sigma = 0): the last step is then the jump to the x0 prediction at the previous time,
+as on every dpmsolve grid; ``denoise_to_zero`` adds one final evaluation whose x0 prediction is the sample.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..schedules import Schedule
+from ..solvers._exponential import Form, Node, Rule, interpolation_coefficients, step_coefficients
+from ..solvers.base import FixedGridSolver
+from ..solvers.dpm_solver import CORRECTORS
+
+__all__ = ["Plan", "PlanStep", "PlanSolver", "PlanError", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+PREDICTS = ("data", "noise")
+
+
+class PlanError(ValueError):
+    """A plan that is malformed, damaged, or made for another schedule, sample shape or model."""
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    """The settings of one step of a plan.
+
+    predict: ``"data"`` (integrate the x0 prediction, DPM-Solver++) or ``"noise"`` (eps, DPM-Solver).
+    order: 1-3, the number of the latest evaluations of the same prediction the step interpolates (fewer
+        while they are not yet available: after a change of prediction the history builds up again).
+    rule: how the derivative terms are weighted (``Rule``: ``"taylor"``, ``"dpmsolver"``, ``"bh1"``,
+        ``"bh2"``, ``"pseudo"``); DPM-Solver++ 2M is ``"dpmsolver"``, 3M ``"taylor"``.
+    corrector: None, or a UniC corrector (``"unic"``, ``"unic-bh1"``, ``"unic-bh2"``) that takes this step
+        again when the model has been evaluated at its result (no extra evaluation; not on the last step).
+    compensation: expansion point of the step moved by ``compensation * h`` in lambda (0: none; needs
+        ``rule="taylor"`` and order >= 2).
+    """
+
+    predict: str = "data"
+    order: int = 2
+    rule: str = "dpmsolver"
+    corrector: str | None = None
+    compensation: float = 0.0
+
+    def __post_init__(self):
+        if self.predict not in PREDICTS:
+            raise PlanError(f"A plan step's predict must be 'data' or 'noise', got {self.predict!r}.")
+        if not isinstance(self.order, (int, np.integer)) or isinstance(self.order, bool) or not 1 <= self.order <= 3:
+            raise PlanError(f"A plan step's order must be an integer 1-3, got {self.order!r}.")
+        object.__setattr__(self, "order", int(self.order))
+        if self.rule not in {r.value for r in Rule}:
+            raise PlanError(f"A plan step's rule must be one of {', '.join(r.value for r in Rule)}; got {self.rule!r}.")
+        if self.corrector is not None and self.corrector not in CORRECTORS:
+            raise PlanError(f"A plan step's corrector must be None or one of {', '.join(CORRECTORS)}; got "
+                            f"{self.corrector!r}.")
+        if not (isinstance(self.compensation, (int, float)) and math.isfinite(self.compensation)):
+            raise PlanError(f"A plan step's compensation must be a finite number, got {self.compensation!r}.")
+        object.__setattr__(self, "compensation", float(self.compensation))
+        if self.compensation and (self.rule != "taylor" or self.order < 2):
+            raise PlanError("Compensation moves the expansion point of the interpolating polynomial: it needs "
+                            f"rule='taylor' and order >= 2 (got rule={self.rule!r}, order={self.order}).")
+
+    @property
+    def form(self) -> Form:
+        return Form(data=self.predict == "data")
+
+    def short(self) -> str:
+        text = f"{'D' if self.predict == 'data' else 'N'}{self.order}{self.rule[:2]}"
+        text += "+C" if self.corrector else ""
+        return text + (f"~{self.compensation:+.2f}" if self.compensation else "")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A grid of times with the settings of every step, and what it was made for.
+
+    Accepted wherever a solver is: ``dp.sample(denoiser, x_T, plan)``. NFE = ``steps`` (+1 with
+    ``denoise_to_zero``). ``schedule`` is ``Schedule.fingerprint()``; ``data_shape`` the per-sample shape
+    (None: any); ``model`` an identifier of the model (empty: any); ``info`` what the tuner measured.
+    """
+
+    ts: tuple[float, ...]
+    steps: tuple[PlanStep, ...]
+    denoise_to_zero: bool = False
+    schedule: str = ""
+    data_shape: tuple[int, ...] | None = None
+    model: str = ""
+    info: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        ts = np.asarray(self.ts, dtype=np.float64).reshape(-1)
+        if ts.size < 2 or not np.all(np.isfinite(ts)) or not np.all(np.diff(ts) < 0) or ts[-1] < 0:
+            raise PlanError(f"A plan's times must be >= 2 finite, strictly decreasing values >= 0; got {ts.tolist()}.")
+        object.__setattr__(self, "ts", tuple(float(t) for t in ts))
+        steps = tuple(s if isinstance(s, PlanStep) else PlanStep(**s) for s in self.steps)
+        object.__setattr__(self, "steps", steps)
+        if len(steps) != ts.size - 1:
+            raise PlanError(f"A plan with {ts.size} times has {ts.size - 1} steps, but {len(steps)} step settings "
+                            "were given.")
+        if steps[-1].corrector is not None:
+            raise PlanError("The last step of a plan cannot have a corrector (there is no evaluation at its end).")
+        for i in range(1, len(steps)):
+            if steps[i - 1].corrector is not None and steps[i].predict != steps[i - 1].predict:
+                raise PlanError(f"Step {i - 1} has a corrector but step {i} integrates another prediction "
+                                f"({steps[i].predict!r}); a corrector needs the next evaluation in its own form.")
+        if ts[-1] == 0.0 and self.denoise_to_zero:
+            raise PlanError("A plan ending at sigma = 0 (t = 0) cannot also denoise to zero.")
+        if self.data_shape is not None:
+            object.__setattr__(self, "data_shape", tuple(int(d) for d in self.data_shape))
+        object.__setattr__(self, "denoise_to_zero", bool(self.denoise_to_zero))
+
+    # ----------------------------------------------------------------------------------------- building
+    @classmethod
+    def multistep(cls, ts: Sequence[float], predict: str = "data", order: int = 2, rule: str = "dpmsolver",
+                  corrector: str | None = None, lower_order_final: bool = False, **fields) -> Plan:
+        """The same multistep settings at every step (``lower_order_final``: order ``steps - i`` at the end);
+        the corrector is left off the last step. ``fields``: the Plan's other fields."""
+        n = len(ts) - 1
+        steps = []
+        for i in range(n):
+            p = min(order, n - i) if lower_order_final else order
+            steps.append(PlanStep(predict, p, rule, corrector if i < n - 1 else None))
+        return cls(tuple(ts), tuple(steps), **fields)
+
+    def with_times(self, ts: Sequence[float]) -> Plan:
+        """The same step settings on other times (same number of steps)."""
+        return replace(self, ts=tuple(float(t) for t in ts))
+
+    # --------------------------------------------------------------------------------------------- facts
+    @property
+    def nfe(self) -> int:
+        """Model evaluations of a sample with this plan."""
+        return len(self.steps) + int(self.denoise_to_zero)
+
+    @property
+    def to_zero(self) -> bool:
+        """True when the plan's sample is at sigma = 0 (a final jump or a final denoising evaluation)."""
+        return self.ts[-1] == 0.0 or self.denoise_to_zero
+
+    def solver(self) -> PlanSolver:
+        return PlanSolver(self.steps)
+
+    def check(self, schedule: Schedule | None = None, data_shape=None, model: str | None = None) -> None:
+        """Raise a :class:`PlanError` when this plan was made for another schedule, sample shape or model."""
+        if schedule is not None:
+            if self.schedule and schedule.fingerprint() != self.schedule:
+                raise PlanError(f"This plan was made for the schedule {self.schedule}, not {schedule.fingerprint()}; "
+                                "tune one for this schedule (dpmsolve.tune).")
+            body = np.asarray(self.ts[:-1] if self.ts[-1] == 0.0 else self.ts)
+            if not schedule.contains(body):
+                raise PlanError(f"This plan's times {self.ts[0]:.6g} .. {self.ts[-1]:.6g} leave the schedule's range "
+                                f"[{schedule.t_min:.6g}, {schedule.t_max:.6g}].")
+        if data_shape is not None and self.data_shape is not None and tuple(data_shape) != self.data_shape:
+            raise PlanError(f"This plan was made for samples of shape {self.data_shape}, not {tuple(data_shape)}; "
+                            "tune one for this shape.")
+        if model is not None and self.model and model != self.model:
+            raise PlanError(f"This plan was made for the model {self.model!r}, not {model!r}; tune one for this "
+                            "model (dpmsolve.tune), or load it without model= to use it anyway.")
+
+    # --------------------------------------------------------------------------------------------- files
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": "dpmsolve-plan", "version": FORMAT_VERSION, "ts": list(self.ts),
+                "steps": [asdict(s) for s in self.steps], "denoise_to_zero": self.denoise_to_zero,
+                "schedule": self.schedule, "data_shape": None if self.data_shape is None else list(self.data_shape),
+                "model": self.model, "info": self.info}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "the plan") -> Plan:
+        if not isinstance(data, dict) or data.get("format") != "dpmsolve-plan":
+            raise PlanError(f"{source} is not a dpmsolve plan (no 'format': 'dpmsolve-plan').")
+        if int(data.get("version", -1)) > FORMAT_VERSION:
+            raise PlanError(f"{source} has plan format version {data['version']}; this dpmsolve reads up to "
+                            f"{FORMAT_VERSION}. Upgrade dpmsolve.")
+        try:
+            steps = tuple(PlanStep(**s) for s in data["steps"])
+            shape = data.get("data_shape")
+            return cls(tuple(data["ts"]), steps, bool(data.get("denoise_to_zero", False)), str(data.get("schedule", "")),
+                       None if shape is None else tuple(shape), str(data.get("model", "")), dict(data.get("info", {})))
+        except PlanError as err:
+            raise PlanError(f"{source} is not a valid plan: {err}") from None
+        except (KeyError, TypeError, ValueError) as err:
+            raise PlanError(f"{source} is damaged ({type(err).__name__}: {err}).") from None
+
+    def save(self, path) -> Path:
+        """Write the plan as JSON (times as exact float64 decimal strings)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, default=float) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path, schedule: Schedule | None = None, data_shape=None, model: str | None = None) -> Plan:
+        """Read a plan written by :meth:`save`; with ``schedule`` / ``data_shape`` / ``model`` given, refuse (a
+        :class:`PlanError`) a plan made for another."""
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"No plan file at {path}.")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise PlanError(f"{path} is not a readable plan file ({err}).") from None
+        plan = cls.from_dict(data, str(path))
+        plan.check(schedule, data_shape, model)
+        return plan
+
+    # -------------------------------------------------------------------------------------------- report
+    def report(self) -> str:
+        """What the plan is, and what tuning measured (tuning vs held-out error, cost in model evaluations)."""
+        end = "sigma = 0 (final jump)" if self.ts[-1] == 0.0 else f"t = {self.ts[-1]:.4g}"
+        end += " + final denoising evaluation" if self.denoise_to_zero else ""
+        lines = [f"Plan: {self.nfe} model evaluations, {len(self.steps)} steps to {end}",
+                 f"  schedule {self.schedule or '(any)'}, samples {self.data_shape or '(any shape)'}, model "
+                 f"{self.model or '(any)'}",
+                 "  times:  " + " ".join(f"{t:.4g}" for t in self.ts),
+                 "  steps:  " + " ".join(s.short() for s in self.steps)
+                 + "   (D/N: data/noise prediction, order, rule, +C: UniC corrector, ~: compensation)"]
+        info = self.info
+        if info:
+            lines.append(f"  tuned: {info.get('candidate', '?')}; objective {info.get('objective', '?')}")
+            for key, label in (("tune", "tuning noises"), ("held_out", "held-out noises")):
+                if key in info:
+                    r = info[key]
+                    lines.append(f"  {label} ({r['n']}): median error {r['median']:.4g} (start {r['start_median']:.4g}),"
+                                 f" RMSE {r['rmse']:.4g} (start {r['start_rmse']:.4g}), far {100 * r['far']:.1f}%")
+            if "cost" in info:
+                c = info["cost"]
+                lines.append(f"  cost: {c['model_evaluations']} model evaluations ({c['reference_evaluations']} for "
+                             f"references, {c['search_evaluations']} in the search), {c['seconds']:.1f} s")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"Plan(nfe={self.nfe}, steps=[{' '.join(s.short() for s in self.steps)}], ts=[{self.ts[0]:.4g} .. "
+                f"{self.ts[-1]:.4g}], model={self.model!r})")
+
+
+class PlanSolver(FixedGridSolver):
+    """Runs a plan's per-step settings on the fixed-grid engine (one evaluation per grid time but the last).
+
+    Step i integrates its own prediction with the latest ``order`` evaluations made in that prediction (the
+    history each evaluation leaves is the prediction of the step that starts there), weighted by its rule,
+    optionally compensated, and its result is corrected by UniC when the next evaluation arrives.
+    """
+
+    def __init__(self, steps: Sequence[PlanStep]):
+        self.steps = tuple(steps)
+        if not self.steps:
+            raise PlanError("A plan solver needs at least one step.")
+        predicts = {s.predict for s in self.steps}
+        self.integrates = {"data": "x0", "noise": "eps"}[predicts.pop()] if len(predicts) == 1 else "x0/eps"
+
+    @property
+    def order(self) -> int:
+        bulk = self.steps[1:] or self.steps
+        return min(min(s.order + (s.corrector is not None), 3) for s in bulk)
+
+    def _points(self, i: int) -> tuple[int, ...]:
+        step, points = self.steps[i], [i]
+        while len(points) < step.order and points[-1] > 0 and self.steps[points[-1] - 1].predict == step.predict:
+            points.append(points[-1] - 1)
+        return tuple(points)
+
+    def _stages(self, steps):
+        if steps != len(self.steps):
+            raise PlanError(f"This plan has {len(self.steps)} steps but the grid has {steps}; use the plan's own times.")
+        return [(i, self._points(i), Rule(s.rule), True) for i, s in enumerate(self.steps)]
+
+    def _correctors(self, stages, nodes):
+        out = [None]
+        for i in range(1, len(stages)):
+            before = self.steps[i - 1]
+            out.append((i - 1, stages[i - 1][1] + (i,), CORRECTORS[before.corrector]) if before.corrector else None)
+        return out
+
+    def _update(self, nodes: tuple[Node, ...], anchor, points, end, rule):
+        step = self.steps[anchor]
+        s, t = nodes[anchor], nodes[end]
+        h = t.lam - s.lam
+        rhos = np.array([(nodes[j].lam - s.lam) / h for j in points])
+        if step.compensation and end not in points:   # the predictor of a compensated step
+            a, w = step.form.linear_and_weights(s, t, len(points))
+            coeffs = interpolation_coefficients(rhos - step.compensation, w)
+        else:
+            a, coeffs = step_coefficients(step.form, s, t, rhos, rule)
+        return a, tuple(float(c) for c in coeffs), 0.0, None
+
+    def _to_zero(self, nodes, i):
+        a, coeffs = self.steps[i].form.to_zero(nodes[i])
+        return a, coeffs, None
+
+    def _aux(self, nodes, i):
+        return self.steps[i].form
+
+    def _integrand(self, stage, x_eval, pred):
+        return stage.aux.pick(pred)
+
+    def __repr__(self):
+        return f"PlanSolver([{' '.join(s.short() for s in self.steps)}])"

@@ -1,0 +1,133 @@
+"""Plans: a grid plus per-step settings, run by the fixed-grid engine (dpmsolve.tune.plan)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dpmsolve as dp
+from dpmsolve.lab.problems import GaussianData, GaussianMixture
+from dpmsolve.tune import Plan, PlanError, PlanStep
+
+SCHEDULE = dp.DiscreteVP.linear()
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    problem = GaussianMixture.random(k=6, dim=4, seed=3)
+    x_T = torch.randn((32, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return problem.denoiser(SCHEDULE), x_T
+
+
+@pytest.mark.parametrize("grid, t_end", [("logSNR", None), ("time_power", 0.0)])
+@pytest.mark.parametrize("options, plan_options", [
+    ({"solver": "dpmsolver++", "order": 2}, {}),
+    ({"solver": "dpmsolver++", "order": 3, "solver_type": "taylor", "warmup": "lower_order"},
+     {"order": 3, "rule": "taylor"}),
+    ({"solver": "dpmsolver++", "order": 2, "lower_order_final": True, "warmup": "lower_order", "order": 3},
+     {"order": 3, "rule": "dpmsolver", "lower_order_final": True}),
+    ({"solver": "dpmsolver", "order": 2}, {"predict": "noise"}),
+    ({"solver": "unipc", "order": 2}, {"rule": "bh2", "corrector": "unic-bh2"}),
+    ({"solver": "unipc", "order": 3, "variant": "bh1"}, {"order": 3, "rule": "bh1", "corrector": "unic-bh1"}),
+])
+def test_uniform_plan_reproduces_the_solver_exactly(mixture, grid, t_end, options, plan_options):
+    den, x_T = mixture
+    ts = dp.make_grid(SCHEDULE, 7, grid, t_end=t_end)
+    options = dict(options)
+    name = options.pop("solver")
+    expected = dp.sample(den, x_T, name, grid=ts, progress=False, **options)
+    got = dp.sample(den, x_T, Plan.multistep(ts, **plan_options), progress=False)
+    assert torch.equal(expected.x, got.x)
+    assert got.nfe == expected.nfe == 7
+
+
+def test_nfe_accounting_is_exact(mixture):
+    den, x_T = mixture
+    ts = dp.make_grid(SCHEDULE, 5, "logSNR")
+    for plan in (Plan.multistep(ts), Plan.multistep(ts, denoise_to_zero=True),
+                 Plan.multistep(np.append(ts[:-1], 0.0), corrector="unic")):
+        calls = []
+
+        class Counting(dp.Denoiser):
+            schedule = SCHEDULE
+
+            def __call__(self, x, t, **kw):
+                calls.append(t)
+                return den(x, t, **kw)
+
+        out = dp.sample(Counting(), x_T, plan, progress=False)
+        assert out.nfe == len(calls) == plan.nfe
+
+
+def test_mixed_predictions_and_compensation_converge():
+    # Exact flow of Gaussian data in closed form: a plan switching prediction, with correctors and compensated
+    # steps, still converges to it as the grid is refined (second order at least: the error drops ~4x per halving of h).
+    problem = GaussianData(np.linspace(-0.5, 0.5, 8), np.linspace(0.05, 1.0, 8) ** 2)
+    den = problem.denoiser(SCHEDULE)
+    x_T = torch.randn((16, 8), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    errors = []
+    for n in (16, 32, 64):
+        ts = dp.make_grid(SCHEDULE, n, "logSNR")
+        steps = [PlanStep("noise" if i < n // 2 else "data", 2, "taylor", "unic" if i < n - 1 else None,
+                          0.1 if i % 3 == 1 else 0.0) for i in range(n)]
+        steps[n // 2 - 1] = PlanStep("noise", 2, "taylor")  # no corrector across the change of prediction
+        x = dp.sample(den, x_T, Plan(tuple(ts), tuple(steps)), progress=False).x
+        exact = problem.exact_solution(SCHEDULE, x_T, SCHEDULE.t_max, SCHEDULE.t_min)
+        errors.append(float((x - exact).pow(2).mean().sqrt()))
+    assert errors[0] / errors[1] > 3.5 and errors[1] / errors[2] > 3.5, errors
+
+
+def test_save_load_round_trip_and_refusals(tmp_path):
+    ts = dp.make_grid(SCHEDULE, 6, "time_power", t_end=0.0)
+    plan = Plan.multistep(ts, order=3, rule="taylor", corrector="unic", schedule=SCHEDULE.fingerprint(),
+                          data_shape=(4,), model="toy@123", info={"note": "made here"})
+    path = plan.save(tmp_path / "p.plan.json")
+    loaded = Plan.load(path, SCHEDULE, (4,), "toy@123")
+    assert loaded == plan and loaded.ts == plan.ts and loaded.info == plan.info
+    with pytest.raises(PlanError, match="schedule"):
+        Plan.load(path, dp.CosineVP())
+    with pytest.raises(PlanError, match="shape"):
+        Plan.load(path, SCHEDULE, (8,))
+    with pytest.raises(PlanError, match="model"):
+        Plan.load(path, model="other@456")
+    den = GaussianMixture.random(k=3, dim=8).denoiser(SCHEDULE)
+    with pytest.raises(PlanError, match="shape"):
+        dp.sample(den, torch.zeros(2, 8, dtype=torch.float64), loaded, progress=False)
+    with pytest.raises(PlanError, match="schedule"):
+        dp.sample(GaussianMixture.random(k=3, dim=4).denoiser(dp.CosineVP()), torch.zeros(2, 4), loaded)
+    with pytest.raises(ValueError, match="steps"):
+        dp.sample(GaussianMixture.random(k=3, dim=4).denoiser(SCHEDULE), torch.zeros(2, 4), loaded, steps=5)
+    data = json.loads(path.read_text())
+    for damage, match in ((lambda d: d.pop("steps"), "damaged"), (lambda d: d.update(format="x"), "not a dpmsolve"),
+                          (lambda d: d.update(version=99), "Upgrade"), (lambda d: d["ts"].reverse(), "decreasing"),
+                          (lambda d: d["steps"][0].update(order=5), "order")):
+        bad = json.loads(json.dumps(data))
+        damage(bad)
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(PlanError, match=match):
+            Plan.load(tmp_path / "bad.json")
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(PlanError, match="readable"):
+        Plan.load(tmp_path / "junk.json")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"predict": "velocity"}, "predict"), ({"order": 4}, "order"), ({"order": 2.5}, "order"),
+    ({"rule": "midpoint"}, "rule"), ({"corrector": "v3"}, "corrector"), ({"compensation": float("nan")}, "finite"),
+    ({"compensation": 0.2, "rule": "dpmsolver"}, "taylor"),
+])
+def test_bad_step_settings_are_refused(kwargs, match):
+    with pytest.raises(PlanError, match=match):
+        PlanStep(**kwargs)
+
+
+def test_bad_plans_are_refused():
+    with pytest.raises(PlanError, match="3 steps"):
+        Plan((1.0, 0.5, 0.1, 0.01), (PlanStep(),))
+    with pytest.raises(PlanError, match="last step"):
+        Plan((1.0, 0.5), (PlanStep(corrector="unic"),))
+    with pytest.raises(PlanError, match="another prediction"):
+        Plan((1.0, 0.5, 0.1), (PlanStep(corrector="unic"), PlanStep("noise")))
+    with pytest.raises(PlanError, match="cannot also denoise"):
+        Plan((1.0, 0.0), (PlanStep(),), denoise_to_zero=True)
