@@ -103,3 +103,51 @@ def test_unknown_problem_and_endpoint_rejected():
     (problem,) = standard_problems(n=2, names=["gaussian"])
     with pytest.raises(ValueError, match="endpoint"):
         problem.reference("middle")
+
+
+def test_evaluate_reports_per_sample_statistics_with_one_threshold():
+    from dpmsolve.lab.metrics import far_threshold, per_sample_errors
+
+    problem = GaussianData([0.5, -0.3, 0.1, 0.8], [0.09, 0.5, 1.3, 0.02])
+    schedule = dp.LinearVP()
+    x_T = torch.randn((32, 4), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = reference_between(problem.posterior_mean, schedule, x_T, schedule.t_max, schedule.t_min)
+    configs = [SolverConfig("ddim", "ddim"), SolverConfig("2M", "dpmsolver++", {"order": 2})]
+    report = evaluate(problem.denoiser(schedule), x_T, configs, nfes=[5, 10], reference=ref, endpoint="t_min",
+                      problem="g", progress=False, n_boot=200)
+    thr = far_threshold(ref)
+    assert report.meta["far_threshold"] == thr and report.meta["samples"] == 32
+    for r in report.rows:
+        assert r.threshold == thr and r.n == 32
+        e = per_sample_errors(dp.sample(problem.denoiser(schedule), x_T, configs[r.label == "2M"].solver,
+                                        steps=r.nfe, progress=False, **configs[r.label == "2M"].options).x, ref)
+        assert np.allclose(r.errors, e.numpy())
+        assert r.median == pytest.approx(float(np.median(e.numpy())))
+        assert r.far == pytest.approx(float((e > thr).double().mean()))
+        assert r.rmse == pytest.approx(float(e.pow(2).mean().sqrt())) and r.mse == pytest.approx(r.rmse ** 2)
+        for value, (lo, hi) in ((r.median, r.median_ci), (r.far, r.far_ci), (r.rmse, r.rmse_ci)):
+            assert lo <= value <= hi
+    assert report.best("g", 10, by="median").label == "2M"
+    with pytest.raises(ValueError, match="by must be"):
+        report.best("g", 10, by="mean")
+    md = report.to_markdown("g")
+    assert "median / far% / RMSE" in md and "%" in md.splitlines()[2]
+    import json
+
+    row = json.loads(report.to_json())["rows"][0]
+    assert {"median", "median_ci", "far", "far_ci", "rmse", "rmse_ci", "threshold", "n"} <= set(row)
+    assert "errors" not in row and len(row["median_ci"]) == 2
+
+
+def test_best_by_median_and_by_rmse_can_differ():
+    from dpmsolve.lab.evaluate import Report, Row
+
+    # 'a': small typical error, one sample in another mode (large RMSE); 'b': uniform moderate error
+    rows = [Row("p", "a", "dpmsolve", 5, 5, rmse=1.0, mse=1.0, median=0.01, far=0.05),
+            Row("p", "b", "diffusers", 5, 5, rmse=0.2, mse=0.04, median=0.15, far=0.0),
+            Row("p", "c", "diffusers", 5, 5, None, None, "ValueError: nope")]
+    report = Report(rows, "zero")
+    assert report.best("p", 5).label == "b"                      # the default stays RMSE (old callers)
+    assert report.best("p", 5, by="median").label == "a"
+    assert report.best("p", 5, by="far").label == "b"
+    assert report.best("p", 5, exclude="dpmsolve", by="median").label == "b"

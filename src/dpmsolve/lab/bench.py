@@ -1,5 +1,10 @@
 """``dpmsolve bench``: the lab's standard problems, our solvers and the peers, as markdown, JSON and a plot.
 
+Per cell (problem x configuration x NFE) the report has the median per-sample error, the fraction of samples far
+from the reference and the RMSE, each with a bootstrap interval (:mod:`dpmsolve.lab.metrics`), over ``samples``
+start noises per analytic problem (default 512: at 6-10 NFE a mixture's RMSE over 64 samples is decided by the
+two or three that end in another mode).
+
 With ``zoo=("digits", "patches", ...)`` (``dpmsolve bench --zoo [NAME ...]``) the shipped trained models are
 measured too, against their cached high-accuracy references (:mod:`dpmsolve.lab.neural`); the default run is
 the analytic problems only.
@@ -7,19 +12,27 @@ the analytic problems only.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
 from .evaluate import DEFAULT_CONFIGS, LAB_NFES, Report, evaluate, standard_problems
 
+BENCH_SAMPLES = 512
 
-def run_bench(problems: Sequence[str] | None = None, nfes: Sequence[int] = LAB_NFES, samples: int = 64,
+
+def run_bench(problems: Sequence[str] | None = None, nfes: Sequence[int] = LAB_NFES, samples: int = BENCH_SAMPLES,
               endpoint: str = "zero", peers: bool = True, out: str | Path = "dpmsolve-bench",
-              progress: bool | None = None, zoo: Sequence[str] = (), zoo_samples: int = 16) -> Report:
+              progress: bool | None = None, zoo: Sequence[str] = (), zoo_samples: int = 16, n_boot: int = 1000,
+              stem: str = "accuracy") -> Report:
+    """Run the lab and write ``{stem}.md`` (one table per problem), ``{stem}.json`` (every row with its
+    statistics and intervals) and ``{stem}.png`` (median and RMSE against NFE) into ``out``."""
     from .peers import available_peers
 
+    started = time.perf_counter()
     peer_names = available_peers() if peers else []
-    rows, meta = [], {"samples": samples, "nfes": list(nfes), "peers": peer_names}
+    rows, meta = [], {"samples": samples, "nfes": list(nfes), "peers": peer_names, "n_boot": n_boot,
+                      "far_thresholds": {}, "interval": "95% percentile bootstrap over samples"}
     selected = [] if problems is not None and not problems else standard_problems(n=samples, names=problems)
     if zoo:
         from .neural import zoo_problems
@@ -29,15 +42,18 @@ def run_bench(problems: Sequence[str] | None = None, nfes: Sequence[int] = LAB_N
     for problem in selected:
         reference = problem.reference(endpoint)
         report = evaluate(problem.denoiser, problem.x_T, DEFAULT_CONFIGS, nfes, reference=reference,
-                          endpoint=endpoint, peers=peer_names, problem=problem.name, progress=progress)
+                          endpoint=endpoint, peers=peer_names, problem=problem.name, progress=progress,
+                          n_boot=n_boot)
+        meta["far_thresholds"][problem.name] = report.meta["far_threshold"]
         rows += report.rows
+    meta["wall_s"] = round(time.perf_counter() - started, 1)
     report = Report(rows, endpoint, meta)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy.md").write_text("\n\n".join(report.to_markdown(p) for p in report.problems()) + "\n")
-    (out / "accuracy.json").write_text(report.to_json())
+    (out / f"{stem}.md").write_text("\n\n".join(report.to_markdown(p) for p in report.problems()) + "\n")
+    (out / f"{stem}.json").write_text(report.to_json())
     try:
-        report.plot(out / "accuracy.png")
+        report.plot(out / f"{stem}.png")
     except ImportError:
         pass
     return report

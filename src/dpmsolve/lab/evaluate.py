@@ -1,13 +1,15 @@
 """Error against the exact ODE solution for a given number of model evaluations, for any model.
 
 ``evaluate`` runs solver configurations (ours, and peers from diffusers / k-diffusion) on one denoiser from
-the same start noise to the same endpoint and reports RMSE and MSE in data space with the NFE really used.
+the same start noise to the same endpoint and reports, per cell (configuration x NFE) with the NFE really used,
+the per-sample statistics of :mod:`dpmsolve.lab.metrics`: the median per-sample error, the fraction of samples
+far from the reference (another mode; one threshold per problem, from the reference) and the RMSE, each with a
+bootstrap interval, plus the MSE in data space.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,6 +20,7 @@ import torch
 from ..model import ClassifierFreeGuidance, Denoiser
 from ..sampling import sample
 from ..schedules import DiscreteVP, Schedule
+from .metrics import cell_stats, far_threshold, per_sample_errors
 from .problems import AnalyticProblem, GaussianData, GaussianMixture, digits_kde
 from .reference import X0Fn, cached, reference_between
 
@@ -174,6 +177,15 @@ def standard_problems(n: int = 64, seed: int = 0, schedule: Schedule | None = No
 
 @dataclass
 class Row:
+    """One cell: a configuration at one NFE on one problem. The statistics are None when the run failed.
+
+    ``median``/``far``/``rmse`` and their ``*_ci`` (95% percentile-bootstrap intervals over the samples) are those
+    of :func:`dpmsolve.lab.metrics.cell_stats`; ``far`` is a fraction in [0, 1] of samples whose per-sample error
+    exceeds ``threshold`` (the problem's :func:`~dpmsolve.lab.metrics.far_threshold`). ``errors`` keeps the
+    per-sample errors in memory (for paired comparisons such as :func:`~dpmsolve.lab.metrics.ratio_ci`); it is
+    not written by :meth:`Report.to_json`.
+    """
+
     problem: str
     label: str
     source: str            # 'dpmsolve', 'diffusers' or 'k-diffusion'
@@ -182,6 +194,24 @@ class Row:
     rmse: float | None     # root mean square error per coordinate, data space
     mse: float | None
     error: str | None = None   # why the run failed, if it did
+    median: float | None = None                      # median per-sample error (RMS over a sample's coordinates)
+    median_ci: tuple[float, float] | None = None
+    far: float | None = None                         # fraction of samples with error > threshold
+    far_ci: tuple[float, float] | None = None
+    rmse_ci: tuple[float, float] | None = None
+    n: int | None = None                             # samples
+    threshold: float | None = None                   # the problem's far threshold
+    errors: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "errors"}
+        for key in ("median_ci", "far_ci", "rmse_ci"):
+            if d[key] is not None:
+                d[key] = [float(v) for v in d[key]]
+        return d
+
+
+_BY = ("rmse", "median", "far")
 
 
 @dataclass
@@ -193,18 +223,32 @@ class Report:
     def problems(self) -> list[str]:
         return list(dict.fromkeys(r.problem for r in self.rows))
 
-    def best(self, problem: str, nfe: int, source: str | None = None, exclude: str | None = None) -> Row | None:
+    def best(self, problem: str, nfe: int, source: str | None = None, exclude: str | None = None,
+             by: str = "rmse") -> Row | None:
+        """The row with the smallest ``by`` ('rmse', 'median' or 'far'; ties broken by median, then RMSE) among the
+        successful rows of a cell, optionally only from ``source`` or excluding ``exclude``."""
+        if by not in _BY:
+            raise ValueError(f"by must be one of {_BY}, got {by!r}.")
         rows = [r for r in self.rows if r.problem == problem and r.nfe == nfe and r.rmse is not None
+                and getattr(r, by) is not None
                 and (source is None or r.source == source) and (exclude is None or r.source != exclude)]
-        return min(rows, key=lambda r: r.rmse, default=None)
+        return min(rows, key=lambda r: (getattr(r, by), r.median if r.median is not None else r.rmse, r.rmse),
+                   default=None)
 
     def to_markdown(self, problem: str) -> str:
+        """One table per problem: per cell ``median / far% / RMSE`` (median per-sample error, percentage of
+        samples far from the reference, RMSE); bold marks the smallest median at that NFE. Cells whose NFE used
+        differs from the budget show it in parentheses."""
         rows = [r for r in self.rows if r.problem == problem]
         nfes = sorted({r.nfe for r in rows})
         labels = list(dict.fromkeys(r.label for r in rows))
         cell = {(r.label, r.nfe): r for r in rows}
-        out = [f"| {problem} (RMSE) | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|" + "---:|" * len(nfes)]
-        best = {k: min((r.rmse for r in rows if r.nfe == k and r.rmse is not None), default=None) for k in nfes}
+        thresholds = sorted({r.threshold for r in rows if r.threshold is not None})
+        n = sorted({r.n for r in rows if r.n is not None})
+        out = [f"| {problem} (median / far% / RMSE) | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
+               "|---|" + "---:|" * len(nfes)]
+        key = {k: min(((r.median, r.rmse) for r in rows if r.nfe == k and r.rmse is not None and r.median is not None),
+                      default=None) for k in nfes}
         for label in labels:
             cells = []
             for k in nfes:
@@ -214,15 +258,24 @@ class Report:
                 elif r.rmse is None:
                     cells.append("failed")
                 else:
-                    text = f"{r.rmse:.2e}" + ("" if r.nfe_used == r.nfe else f" ({r.nfe_used})")
-                    cells.append(f"**{text}**" if r.rmse == best[k] else text)
+                    if r.median is None:   # rows made without per-sample statistics
+                        text = f"{r.rmse:.2e}"
+                    else:
+                        text = f"{r.median:.2e} / {100 * r.far:.1f}% / {r.rmse:.2e}"
+                    text += "" if r.nfe_used == r.nfe else f" ({r.nfe_used})"
+                    best = r.median is not None and key[k] == (r.median, r.rmse)
+                    cells.append(f"**{text}**" if best else text)
             out.append(f"| {label} | " + " | ".join(cells) + " |")
+        if thresholds:
+            out.append(f"\n{', '.join(map(str, n))} samples; far = per-sample error > "
+                       + ", ".join(f"{t:.3g}" for t in thresholds)
+                       + " (half the reference's RMS spread); bold: smallest median at that NFE.")
         failures = sorted({(r.label, r.error) for r in rows if r.error})
         out += [f"\n- {label} failed: `{err}`" for label, err in failures]
         return "\n".join(out)
 
     def to_json(self) -> str:
-        return json.dumps({"endpoint": self.endpoint, "meta": self.meta, "rows": [asdict(r) for r in self.rows]},
+        return json.dumps({"endpoint": self.endpoint, "meta": self.meta, "rows": [r.to_dict() for r in self.rows]},
                           indent=1)
 
     def plot(self, path: Path) -> Path:
@@ -232,22 +285,28 @@ class Report:
         import matplotlib.pyplot as plt
 
         problems = self.problems()
-        fig, axes = plt.subplots(1, len(problems), figsize=(5.2 * len(problems), 4.6), squeeze=False)
-        for ax, problem in zip(axes[0], problems):
-            rows = [r for r in self.rows if r.problem == problem and r.rmse is not None]
-            labels = list(dict.fromkeys(r.label for r in rows))
-            ours = [lb for lb in labels if lb.startswith("dpmsolve")]
-            colors = {lb: plt.cm.tab10(i % 10) for i, lb in enumerate(ours)}
-            colors.update({lb: plt.cm.tab20b(i % 20) for i, lb in enumerate(lb for lb in labels if lb not in ours)})
-            for label in labels:
-                pts = sorted((r.nfe_used, r.rmse) for r in rows if r.label == label)
-                mine = label in ours
-                ax.loglog(*zip(*pts), "-o" if mine else "--x", ms=3, lw=1.4 if mine else 0.7, color=colors[label],
-                          alpha=1.0 if mine else 0.6, label=label)
-            ax.set_title(f"{problem} (endpoint {self.endpoint})", fontsize=9)
-            ax.set_xlabel("NFE")
-            ax.set_ylabel("RMSE vs exact ODE solution")
-            ax.grid(True, which="both", alpha=0.3)
+        stats = [("median", "median per-sample error"), ("rmse", "RMSE vs exact ODE solution")]
+        if not any(r.median is not None for r in self.rows):
+            stats = stats[1:]
+        fig, axes = plt.subplots(len(stats), len(problems), figsize=(5.2 * len(problems), 4.6 * len(stats)),
+                                 squeeze=False)
+        for row_axes, (stat, ylabel) in zip(axes, stats):
+            for ax, problem in zip(row_axes, problems):
+                rows = [r for r in self.rows if r.problem == problem and getattr(r, stat) is not None]
+                labels = list(dict.fromkeys(r.label for r in rows))
+                ours = [lb for lb in labels if lb.startswith("dpmsolve")]
+                colors = {lb: plt.cm.tab10(i % 10) for i, lb in enumerate(ours)}
+                colors.update({lb: plt.cm.tab20b(i % 20)
+                               for i, lb in enumerate(lb for lb in labels if lb not in ours)})
+                for label in labels:
+                    pts = sorted((r.nfe_used, getattr(r, stat)) for r in rows if r.label == label)
+                    mine = label in ours
+                    ax.loglog(*zip(*pts), "-o" if mine else "--x", ms=3, lw=1.4 if mine else 0.7,
+                              color=colors[label], alpha=1.0 if mine else 0.6, label=label)
+                ax.set_title(f"{problem} (endpoint {self.endpoint})", fontsize=9)
+                ax.set_xlabel("NFE")
+                ax.set_ylabel(ylabel)
+                ax.grid(True, which="both", alpha=0.3)
         axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
         fig.tight_layout()
         path = Path(path)
@@ -257,21 +316,33 @@ class Report:
         return path
 
 
-def _errors(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    mse = float(((x.to(torch.float64) - ref.to(torch.float64)) ** 2).mean())
-    return math.sqrt(mse), mse
+def _stats(x: torch.Tensor, reference: torch.Tensor, threshold: float, n_boot: int, seed: int) -> dict:
+    """The Row fields of one successful run: RMSE, MSE and the per-sample statistics with intervals."""
+    stats = cell_stats(x, reference, threshold=threshold, n_boot=n_boot, seed=seed)
+    errors = per_sample_errors(x, reference).numpy()
+    return dict(rmse=stats.rmse, mse=stats.rmse ** 2, median=stats.median, median_ci=stats.median_ci, far=stats.far,
+                far_ci=stats.far_ci, rmse_ci=stats.rmse_ci, n=stats.n, threshold=stats.threshold, errors=errors)
 
 
 def evaluate(denoiser: Denoiser, x_T: torch.Tensor, configs: Sequence[SolverConfig] = DEFAULT_CONFIGS,
              nfes: Sequence[int] = LAB_NFES, *, reference: torch.Tensor | None = None, endpoint: str = "zero",
-             peers: Sequence[str] = (), problem: str = "model", progress: bool | None = None) -> Report:
+             peers: Sequence[str] = (), problem: str = "model", progress: bool | None = None,
+             n_boot: int = 1000, seed: int = 0) -> Report:
     """Run each configuration (and each named peer) at each NFE from ``x_T`` and measure it against the
-    reference (default: ``high_accuracy_reference``). Failures are recorded as rows with their error."""
+    reference (default: ``high_accuracy_reference``). Failures are recorded as rows with their error.
+
+    Per cell: median per-sample error, far fraction and RMSE with ``n_boot`` percentile-bootstrap resamples
+    (``seed``: the same resampled indices for every cell, so cells of one problem are paired). The far threshold
+    is computed once, from the reference (:func:`~dpmsolve.lab.metrics.far_threshold`).
+    """
     if endpoint not in ENDPOINTS:
         raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {endpoint!r}.")
     meta: dict[str, Any] = {}
     if reference is None:
         reference, meta["reference_rmse_estimate"] = high_accuracy_reference(denoiser, x_T, endpoint)
+    reference = reference.detach().to(torch.float64).cpu()
+    threshold = far_threshold(reference)
+    meta.update(far_threshold=threshold, samples=int(reference.shape[0]), n_boot=n_boot, bootstrap_seed=seed)
     jobs = [(c, k) for c in configs for k in nfes] + [(p, k) for p in peers for k in nfes]
     from tqdm.auto import tqdm
 
@@ -282,13 +353,19 @@ def evaluate(denoiser: Denoiser, x_T: torch.Tensor, configs: Sequence[SolverConf
             try:
                 result = job.run(denoiser, x_T, nfe, endpoint)
             except Exception as exc:  # a failing configuration is a finding, not a crash
-                rows.append(Row(problem, job.label, "dpmsolve", nfe, 0, None, None, f"{type(exc).__name__}: {exc}"))
+                rows.append(Row(problem, job.label, "dpmsolve", nfe, 0, None, None, f"{type(exc).__name__}: {exc}",
+                                threshold=threshold))
                 continue
-            rows.append(Row(problem, job.label, "dpmsolve", nfe, result.nfe, *_errors(result.x, reference)))
+            rows.append(Row(problem, job.label, "dpmsolve", nfe, result.nfe,
+                            **_stats(result.x, reference, threshold, n_boot, seed)))
         else:
             from .peers import run_peer
 
             res = run_peer(job, denoiser, x_T, nfe, endpoint=endpoint)
-            errs = _errors(res.x, reference) if res.x is not None else (None, None)
-            rows.append(Row(problem, job, job.split(":")[0], nfe, res.nfe, *errs, res.error))
+            if res.x is None:
+                rows.append(Row(problem, job, job.split(":")[0], nfe, res.nfe, None, None, res.error,
+                                threshold=threshold))
+            else:
+                rows.append(Row(problem, job, job.split(":")[0], nfe, res.nfe,
+                                **_stats(res.x, reference, threshold, n_boot, seed), error=res.error))
     return Report(rows, endpoint, meta)

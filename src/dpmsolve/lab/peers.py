@@ -19,9 +19,17 @@ ours, so every difference in the result is the peer's own discretisation.
 Endpoints: ``"zero"`` is the data end (sigma = 0: diffusers ``final_sigmas_type="zero"`` / DDIM
 ``set_alpha_to_one=True``, k-diffusion grids ending in 0); ``"t_min"`` is the schedule's ``t_min`` (for a
 DiscreteVP train index 0: ``final_sigmas_type="sigma_min"`` / ``set_alpha_to_one=False``; k-diffusion grids
-ending at ``sigma_min = sigma/alpha(t_min)`` without the 0). Peers that cannot end at sigma = 0 (diffusers' DEIS
-has no ``final_sigmas_type``; k-diffusion's ``sample_dpm_fast`` needs ``sigma_min > 0``) report that as their
-error for ``"zero"``.
+ending at ``sigma_min = sigma/alpha(t_min)`` without the 0). ``final_sigmas_type`` is passed to every scheduler
+whose constructor has it. Peers that cannot end at sigma = 0 (diffusers' DEIS has no ``final_sigmas_type``; its
+noise-prediction DPM-Solvers, ``algorithm_type="dpmsolver"``, raise a ValueError for ``final_sigmas_type="zero"``;
+k-diffusion's ``sample_dpm_fast`` needs ``sigma_min > 0``) report that as their error for ``"zero"``.
+
+Grids: a peer runs on its library's own timesteps, except ``diffusers:dpm++3s-time-quadratic``, which hands the
+scheduler custom integer timesteps (``set_timesteps(timesteps=...)``, a documented diffusers feature) placing the
+reference DPM-Solver's ``time_quadratic`` grid (uniform in sqrt(t)) on the train indices. diffusers' singlestep
+scheduler may switch ``lower_order_final`` on in ``set_timesteps`` (a step count that is not a multiple of the
+order, or an end at sigma = 0); the runner records such changes under ``"options_changed_by_diffusers"`` and the
+orders it runs under ``"order_list"``, and keeps diffusers' logger quiet while building the scheduler.
 
 NFE: ``nfe`` is the number of model evaluations a peer may use. DDIM/DPM/UniPC/DEIS make one call per timestep, so
 they get ``nfe`` steps. k-diffusion's Heun and DPM-2 make 2 calls per step except an Euler step onto sigma = 0, so
@@ -45,7 +53,13 @@ Known peer behaviours that are kept, not corrected (they are what a user of that
   (``B(h) = h`` with ``h = inf``); that is recorded as the peer's failure (``NonFiniteError``), like any
   non-finite output.
 * DPMSolverMultistep at 15 or more steps has no ``lower_order_final``: with ``final_sigmas_type="sigma_min"`` on
-  the Karras/Lu grids its 3M step over the zero-length last interval gives NaN (recorded as a failure).
+  the Karras/Lu grids its 3M step over the zero-length last interval gives NaN (recorded as a failure); this holds
+  for the data-prediction (``dpm++3m-*``) and the noise-prediction (``dpm3m-noise-lu``) 3M alike.
+* diffusers 0.42.1 deprecates ``algorithm_type="dpmsolver"`` (a FutureWarning when the scheduler is built); it still
+  runs the reference noise-prediction DPM-Solver, which is why those peers are here.
+* The noise-prediction singlestep solvers of order 2-3 (``dpm2s-noise``, ``dpm3s-noise``) on diffusers' linspace
+  grid end with a high-order step over the long last interval (train index ~N/steps to 0) when the step count is
+  a multiple of the order; their error then jumps (e.g. 6 vs 5 steps). That is the method on that grid, kept.
 * k-diffusion's Heun/Euler/DPM-2 draw ``randn_like`` every step even with ``s_churn = 0``; the runner forks the
   RNG so the caller's global generator state is not advanced.
 
@@ -65,6 +79,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 import threading
@@ -96,9 +111,15 @@ class PeerResult:
 
 # --------------------------------------------------------------------------------------------------- the registry
 
-def _diffusers(cls: str, description: str, endpoints=ENDPOINTS, **options) -> dict:
-    return {"library": "diffusers", "class": cls, "options": options, "endpoints": tuple(endpoints),
+def _diffusers(cls: str, description: str, endpoints=ENDPOINTS, grid: str | None = None, **options) -> dict:
+    """A diffusers scheduler with constructor ``options``. ``grid=None``: the scheduler's own timesteps
+    (``set_timesteps(nfe)``); ``grid="time_quadratic"``: custom integer timesteps (``set_timesteps(timesteps=...)``,
+    a documented diffusers feature) placing the reference DPM-Solver's time-quadratic grid on the train indices."""
+    spec = {"library": "diffusers", "class": cls, "options": options, "endpoints": tuple(endpoints),
             "description": description}
+    if grid is not None:
+        spec["grid"] = grid
+    return spec
 
 
 def _kdiff(function: str, grid: str, calls: str, description: str, endpoints=ENDPOINTS, **options) -> dict:
@@ -122,6 +143,27 @@ PEERS: dict[str, dict] = {
     "diffusers:dpm++3m-lu": _diffusers(_MULTISTEP, "DPM-Solver++(3M), uniform-lambda (Lu) grid", solver_order=3,
                                        use_lu_lambdas=True),
     "diffusers:dpm++2s": _diffusers("DPMSolverSinglestepScheduler", "DPM-Solver++(2S) singlestep", solver_order=2),
+    # The reference DPM-Solver's configurations (Lu et al.): noise prediction (algorithm_type="dpmsolver"), which
+    # diffusers only runs to sigma_min (final_sigmas_type="zero" raises for it), and the singlestep solvers.
+    "diffusers:dpm2m-noise-lu": _diffusers(_MULTISTEP, "DPM-Solver(2M), noise prediction, uniform-lambda (Lu) grid, "
+                                           "lower-order final; ends at sigma_min", endpoints=("t_min",),
+                                           algorithm_type="dpmsolver", solver_order=2, use_lu_lambdas=True,
+                                           lower_order_final=True),
+    "diffusers:dpm3m-noise-lu": _diffusers(_MULTISTEP, "DPM-Solver(3M), noise prediction, uniform-lambda (Lu) grid, "
+                                           "lower-order final (below 15 steps: diffusers' rule); ends at sigma_min",
+                                           endpoints=("t_min",), algorithm_type="dpmsolver", solver_order=3,
+                                           use_lu_lambdas=True, lower_order_final=True),
+    "diffusers:dpm++3s": _diffusers("DPMSolverSinglestepScheduler", "DPM-Solver++(3S) singlestep (orders 1,2,3 per "
+                                    "group of evaluations), linspace spacing", solver_order=3),
+    "diffusers:dpm++3s-time-quadratic": _diffusers(
+        "DPMSolverSinglestepScheduler", "DPM-Solver++(3S) singlestep on the reference DPM-Solver's time_quadratic "
+        "grid (custom timesteps: round(N t - 1), t uniform in sqrt(t))", grid="time_quadratic", solver_order=3),
+    "diffusers:dpm2s-noise": _diffusers("DPMSolverSinglestepScheduler", "DPM-Solver-2 singlestep, noise prediction, "
+                                        "linspace spacing; ends at sigma_min", endpoints=("t_min",),
+                                        algorithm_type="dpmsolver", solver_order=2),
+    "diffusers:dpm3s-noise": _diffusers("DPMSolverSinglestepScheduler", "DPM-Solver-3 singlestep, noise prediction, "
+                                        "linspace spacing; ends at sigma_min", endpoints=("t_min",),
+                                        algorithm_type="dpmsolver", solver_order=3),
     "diffusers:unipc-bh1": _diffusers("UniPCMultistepScheduler", "UniPC order 2, B(h) = h", solver_type="bh1"),
     "diffusers:unipc-bh2": _diffusers("UniPCMultistepScheduler", "UniPC order 2, B(h) = e^h - 1",
                                       solver_type="bh2"),
@@ -358,7 +400,7 @@ def _run_diffusers(spec: dict, denoiser: _Counted, x_T: torch.Tensor, nfe: int, 
     options = dict(spec["options"])
     if spec["class"] == "DDIMScheduler":
         options["set_alpha_to_one"] = endpoint == "zero"
-    elif "t_min" in spec["endpoints"] and "zero" in spec["endpoints"]:
+    elif "final_sigmas_type" in inspect.signature(cls.__init__).parameters:
         options["final_sigmas_type"] = "zero" if endpoint == "zero" else "sigma_min"
     settings.update({"class": spec["class"], "version": diffusers.__version__,
                      "options": {"num_train_timesteps": n_train, "trained_betas": "1 - abar_n / abar_(n-1)",
@@ -368,9 +410,22 @@ def _run_diffusers(spec: dict, denoiser: _Counted, x_T: torch.Tensor, nfe: int, 
     # diffusers assumes torch's default dtype is float32 (under a float64 default UniPC's corrector stacks a float64
     # torch.ones(()) with float32 sigmas and linalg.solve raises a dtype mismatch), so the scheduler is built and
     # stepped under a float32 default, as its users run it; our denoiser runs under the caller's default.
-    with _default_dtype(torch.float32):
+    with _default_dtype(torch.float32), _quiet_diffusers(diffusers):
         sched = cls(num_train_timesteps=n_train, trained_betas=betas.tolist(), prediction_type="epsilon", **options)
-        sched.set_timesteps(nfe)
+        built = dict(sched.config)
+        if spec.get("grid") is None:
+            sched.set_timesteps(nfe)
+        else:
+            custom = _custom_timesteps(spec["grid"], schedule, nfe)
+            settings["custom_timesteps"] = spec["grid"]
+            sched.set_timesteps(timesteps=custom)
+    # what the scheduler really runs with: set_timesteps may change its config (the singlestep scheduler turns
+    # lower_order_final on for a step count that is not a multiple of the order, or when it ends at sigma = 0)
+    changed = {k: v for k, v in sched.config.items() if k in built and k != "trained_betas" and v != built[k]}
+    if changed:
+        settings["options_changed_by_diffusers"] = changed
+    if hasattr(sched, "order_list"):
+        settings["order_list"] = list(sched.order_list)
     timesteps = sched.timesteps
     settings["grid"] = [float(t) if t.is_floating_point() else int(t) for t in timesteps]
     first = float(timesteps[0])
@@ -390,6 +445,33 @@ def _run_diffusers(spec: dict, denoiser: _Counted, x_T: torch.Tensor, nfe: int, 
         for timestep in timesteps:
             x = sched.step(net(x, timestep), timestep, x).prev_sample
     return x.to(torch.float64)
+
+
+def _custom_timesteps(grid: str, schedule: DiscreteVP, nfe: int) -> list[int]:
+    """The first ``nfe`` of ``nfe + 1`` grid times from t_max to t_min, as integer train indices round(N t - 1)
+    (train index n is our t = (n + 1) / N); the scheduler's last step goes to its final sigma (zero or sigma_min).
+    """
+    if grid != "time_quadratic":
+        raise ValueError(f"unknown custom grid {grid!r} (only 'time_quadratic').")
+    n_train = schedule.num_train_steps
+    ts = np.linspace(math.sqrt(schedule.t_max), math.sqrt(schedule.t_min), nfe + 1) ** 2
+    steps = np.round(ts[:-1] * n_train - 1.0).astype(np.int64)
+    if np.any(np.diff(steps) >= 0) or steps[-1] < 0:
+        raise ValueError(f"the {grid} grid with {nfe} steps has repeated train indices: {steps.tolist()}")
+    return steps.tolist()
+
+
+@contextlib.contextmanager
+def _quiet_diffusers(diffusers):
+    """diffusers' logger at error level inside the block (the singlestep scheduler logs a warning each time it
+    switches lower_order_final on; the runner records the switch in the settings instead)."""
+    logging = diffusers.utils.logging
+    old = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(old)
 
 
 @contextlib.contextmanager
