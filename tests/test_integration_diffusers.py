@@ -472,3 +472,153 @@ def test_dpm_solver_v3_runs_in_the_scheduler_from_an_ems_file(tmp_path):
                            beta_start=0.00085, beta_end=0.012, final_sigma="min")
     pp.set_timesteps(7)
     assert (hand_loop(pp, x.clone()) - ours).abs().max() > 1e-6     # the statistics do change the sample
+
+
+# ------------------------------------------------------------------------------------------ plans
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def _plan_file(tmp_path, kind="to_zero", schedule=None, name="p", **fields):
+    """A plan saved as a file for the scheduler's schedule (SD's scaled-linear betas by default)."""
+    schedule = schedule or DPMSolveScheduler(**SD).schedule
+    shape = fields.pop("data_shape", SHAPE[1:])
+    if kind == "to_zero":     # time_power grid to sigma = 0, order 3 + UniC corrector
+        plan = dp.Plan.multistep(dp.make_grid(schedule, 6, "time_power", t_end=0.0), order=3, rule="taylor",
+                                 corrector="unic", schedule=schedule.fingerprint(), data_shape=shape, **fields)
+    elif kind == "denoise":   # noise prediction to t_min, then a final denoising evaluation
+        plan = dp.Plan.multistep(dp.make_grid(schedule, 6, "logSNR"), predict="noise", denoise_to_zero=True,
+                                 schedule=schedule.fingerprint(), data_shape=shape, **fields)
+    elif kind == "mixed":     # per-step settings that no registry solver has: prediction switch, compensation
+        ts = dp.make_grid(schedule, 7, "logSNR", t_end=0.0)
+        steps = [dp.PlanStep("noise", 2, "taylor", "unic"), dp.PlanStep("noise", 2, "taylor"),
+                 dp.PlanStep("data", 3, "taylor", "unic-bh2", 0.1), dp.PlanStep("data", 3, "taylor", None, -0.05),
+                 dp.PlanStep("data", 2, "bh1"), dp.PlanStep("data", 2, "dpmsolver"), dp.PlanStep("data", 1)]
+        plan = dp.Plan(tuple(ts), tuple(steps), schedule=schedule.fingerprint(), data_shape=shape, **fields)
+    else:                     # to t_min, default DPM-Solver++(2M) settings
+        plan = dp.Plan.multistep(dp.make_grid(schedule, 5, "logSNR"), schedule=schedule.fingerprint(),
+                                 data_shape=shape, **fields)
+    return plan, str(plan.save(tmp_path / f"{name}.plan.json"))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("kind", ["to_zero", "denoise", "mixed", "t_min"])
+def test_plan_hand_loop_equals_native_sample(tmp_path, kind, prediction):
+    """A scheduler with a plan file runs the plan's times and step settings: a diffusers-style loop equals
+    dp.sample(den, x_T, plan)."""
+    plan, path = _plan_file(tmp_path, kind)
+    s = DPMSolveScheduler(**SD, prediction_type=prediction, plan=path)
+    assert s.plan == plan and s.config.plan == path
+    s.set_timesteps(plan.nfe)
+    assert s.num_inference_steps == len(s.timesteps) == plan.nfe and len(s.sigmas) == plan.nfe + 1
+    assert (float(s.sigmas[-1]) == 0.0) == plan.to_zero
+    evaluated = plan.ts if plan.denoise_to_zero else plan.ts[:-1]
+    np.testing.assert_allclose(s.timesteps.numpy(), 1000 * np.asarray(evaluated) - 1, rtol=1e-6)
+    x = start_noise()
+    ours = hand_loop(s, x.clone())
+    den = dp.wrap_model(toy_net, s.schedule, prediction, time_input="discrete")
+    theirs = dp.sample(den, x.clone(), plan, progress=False)
+    assert theirs.nfe == plan.nfe
+    assert (ours - theirs.x).abs().max().item() <= 1e-12
+    s.set_timesteps()  # None: the plan's count
+    assert torch.equal(hand_loop(s, x.clone()), ours)
+
+
+def test_plan_in_a_flow_scheduler(tmp_path):
+    s = DPMSolveScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    plan, path = _plan_file(tmp_path, "to_zero", schedule=s.schedule)
+    s = UniPCScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", plan=path)  # presets too
+    s.set_timesteps(plan.nfe)
+    x = start_noise()
+    den = dp.wrap_model(toy_net, s.schedule, "flow", time_input="1000t")
+    assert (hand_loop(s, x.clone()) - dp.sample(den, x.clone(), plan, progress=False).x).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("kind", ["mixed", "denoise"])
+@pytest.mark.parametrize("begin", [2, 5])
+def test_plan_img2img_runs_the_plans_tail(tmp_path, kind, begin):
+    """set_begin_index(k): the plan's steps from k on, on its times from k on (its history builds up again)."""
+    plan, path = _plan_file(tmp_path, kind)
+    s = DPMSolveScheduler(**SD, plan=path)
+    s.set_timesteps(plan.nfe)
+    x = start_noise()
+    s.set_begin_index(begin)
+    ours = hand_loop(s, x.clone(), timesteps=s.timesteps[begin:])
+    den = dp.wrap_model(toy_net, s.schedule, "epsilon", time_input="discrete")
+    tail = dp.Plan(plan.ts[begin:], plan.steps[begin:], plan.denoise_to_zero)
+    assert (ours - dp.sample(den, x.clone(), tail, progress=False).x).abs().max() <= 1e-12
+
+
+def test_plan_refusals(tmp_path):
+    plan, path = _plan_file(tmp_path, "t_min")
+    # Made for another schedule: refused when the scheduler is built, naming the file.
+    with pytest.raises(dp.PlanError, match="schedule") as info:
+        DPMSolveScheduler(beta_schedule="linear", plan=path)
+    assert path in str(info.value)
+    with pytest.raises(dp.PlanError, match="schedule"):
+        DPMSolveScheduler.from_config(DPMSolveScheduler().config, plan=path)
+    with pytest.raises(dp.PlanError, match="No plan file") as info:
+        DPMSolveScheduler(**SD, plan=str(tmp_path / "missing.json"))
+    assert "missing.json" in str(info.value)
+    with pytest.raises(ValueError, match="plan.save"):
+        DPMSolveScheduler(**SD, plan=plan)  # the config holds a path, not the object
+    s = DPMSolveScheduler(**SD, plan=path)
+    # A count that is not the plan's, explicit grids.
+    with pytest.raises(ValueError, match=r"num_inference_steps=7 .* 5 model evaluations"):
+        s.set_timesteps(7)
+    with pytest.raises(ValueError, match="own times"):
+        s.set_timesteps(sigmas=[10.0, 1.0, 0.1])
+    with pytest.raises(ValueError, match="own times"):
+        s.set_timesteps(5, timesteps=[999, 500, 100])
+    # Samples of another shape: refused on the first step.
+    s.set_timesteps(5)
+    x = torch.zeros(2, 16, 1, 1)
+    with pytest.raises(dp.PlanError, match="shape") as info:
+        s.step(toy_net(x, s.timesteps[0]), s.timesteps[0], x)
+    assert path in str(info.value)
+
+
+@pytest.mark.parametrize("cls", [DPMSolveScheduler, DPMSolverPPMultistepScheduler, UniPCScheduler])
+def test_plan_config_round_trip(tmp_path, cls):
+    plan, path = _plan_file(tmp_path, "mixed")
+    s = cls(**SD, plan=path)
+    s.save_pretrained(tmp_path / "sched")
+    saved = json.loads((tmp_path / "sched" / "scheduler_config.json").read_text())
+    assert saved["plan"] == path and saved["_class_name"] == cls.__name__
+    x = start_noise()
+    s.set_timesteps(plan.nfe)
+    expected = hand_loop(s, x.clone())
+    for again in (cls.from_pretrained(tmp_path / "sched"), DPMSolveScheduler.from_pretrained(tmp_path / "sched"),
+                  DPMSolveScheduler.from_config(s.config), cls.from_config(dict(s.config))):
+        assert again.config.plan == path and again.plan == plan
+        again.set_timesteps(plan.nfe)
+        assert torch.equal(hand_loop(again, x.clone()), expected)
+    # A diffusers scheduler's config + plan=...; and plan=None turns it off again.
+    from diffusers import DDIMScheduler
+
+    theirs = DDIMScheduler(**SD)
+    assert DPMSolveScheduler.from_config(theirs.config, plan=path).plan == plan
+    assert DPMSolveScheduler.from_config(s.config, plan=None).plan is None
+
+
+def test_plan_in_a_ddpm_pipeline(tmp_path):
+    """A real pipeline with a plan file in its scheduler equals dp.sample with the plan."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    torch.set_default_dtype(torch.float32)
+    unet = _tiny_unet()
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    schedule = DPMSolveScheduler.from_config(pipe.scheduler.config).schedule
+    plan, path = _plan_file(tmp_path, "mixed", schedule=schedule, data_shape=(3, 8, 8))
+    pipe.scheduler = DPMSolveScheduler.from_config(pipe.scheduler.config, plan=path)
+    with pytest.raises(ValueError, match="num_inference_steps=1000"):   # DDPMPipeline's default count
+        pipe(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    images = pipe(batch_size=2, num_inference_steps=plan.nfe, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    x = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        den = dp.wrap_model(unet, schedule, "eps", time_input="discrete")
+        ref = dp.sample(den, x, plan, progress=False).x
+    to_np = lambda v: (v / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(images, to_np(ref), atol=1e-4)

@@ -288,3 +288,68 @@ def test_vp_model_through_the_adapter(gaussian, generator, name):
     ours = getattr(K, f"sample_{name}")(CompVisLikeDenoiser(eps_net, schedule.alphas_cumprod), x_ve, sigmas,
                                         disable=True)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-10)
+
+
+# ----- plans (dpmsolve.Plan) in a k-diffusion loop
+
+def _plans(schedule):
+    """Plans of every ending: to sigma = 0 (with correctors), to t_min + a final denoising evaluation (noise
+    prediction), to t_min, and mixed per-step settings (a prediction switch, compensation)."""
+    fp = schedule.fingerprint()
+    mixed_ts = dp.make_grid(schedule, 6, "logSNR", t_end=0.0)
+    mixed = [dp.PlanStep("noise", 2, "taylor", "unic"), dp.PlanStep("noise", 2, "taylor"),
+             dp.PlanStep("data", 3, "taylor", "unic-bh2", 0.1), dp.PlanStep("data", 3, "taylor", None, -0.05),
+             dp.PlanStep("data", 2, "bh1"), dp.PlanStep("data", 1)]
+    return {
+        "to_zero": dp.Plan.multistep(dp.make_grid(schedule, 7, "time_power", t_end=0.0), order=3, rule="taylor",
+                                     corrector="unic", schedule=fp, data_shape=(4,)),
+        "denoise": dp.Plan.multistep(dp.make_grid(schedule, 7, "logSNR"), predict="noise", denoise_to_zero=True,
+                                     schedule=fp),
+        "t_min": dp.Plan.multistep(dp.make_grid(schedule, 7, "logSNR"), schedule=fp),
+        "mixed": dp.Plan(tuple(mixed_ts), tuple(mixed), schedule=fp),
+    }
+
+
+@pytest.mark.parametrize("kind", ["to_zero", "denoise", "t_min", "mixed"])
+@pytest.mark.parametrize("schedule", [dp.EDM(SIGMA_MIN, SIGMA_MAX), dp.DiscreteVP.linear()], ids=["edm", "vp"])
+def test_plan_equals_native_plan(gaussian, generator, schedule, kind):
+    """sample_plan on plan_sigmas(plan, schedule) with a VE denoiser equals dp.sample(den, x_T, plan) on the plan's
+    own schedule (a VP plan: x = x_T / alpha in VE coordinates; the same lambda nodes, so up to round-off)."""
+    plan = _plans(schedule)[kind]
+    sigmas = K.plan_sigmas(plan, schedule)
+    assert sigmas.shape == (plan.nfe + 1,) and (float(sigmas[-1]) == 0.0) == plan.to_zero
+    ts = np.asarray(plan.ts)
+    body = ts[ts > 0]
+    np.testing.assert_allclose(sigmas[:body.size].numpy(), schedule.sigma(body) / schedule.alpha(body), rtol=1e-12)
+    x_T = torch.randn((6, 4), generator=generator)
+    expected = dp.sample(gaussian.denoiser(schedule), x_T, plan, progress=False).x
+    ours = K.sample_plan(ve_model(gaussian), x_T / schedule.alpha(plan.ts[0]), sigmas, plan=plan, disable=True)
+    if not plan.to_zero:  # VE x at sigma_min -> the schedule's coordinates
+        ours = ours * schedule.alpha(plan.ts[-1])
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12 if isinstance(schedule, dp.EDM) else 1e-10)
+
+
+def test_plan_from_a_file_callback_and_refusals(gaussian, generator, tmp_path):
+    schedule = dp.DiscreteVP.linear()
+    plan = _plans(schedule)["to_zero"]
+    path = plan.save(tmp_path / "p.plan.json")
+    sigmas, model = K.plan_sigmas(plan, schedule), ve_model(gaussian)
+    x = torch.randn((6, 4), generator=generator) * sigmas[0]
+    seen = []
+    out = K.sample_plan(model, x, sigmas, plan=str(path), callback=seen.append, disable=True)  # a path, as ComfyUI's extra_options
+    torch.testing.assert_close(out, K.sample_plan(model, x, sigmas, plan=plan, disable=True), rtol=0, atol=0)
+    assert [info["i"] for info in seen] == list(range(plan.nfe))
+    assert [float(info["sigma"]) for info in seen] == [float(s) for s in sigmas[:-1]]
+    torch.testing.assert_close(seen[-1]["denoised"], out, rtol=0, atol=0)
+    with pytest.raises(dp.PlanError, match="8 sigmas"):
+        K.sample_plan(model, x, sigmas[1:], plan=plan)
+    with pytest.raises(dp.PlanError, match="ends at sigma = 0"):
+        K.sample_plan(model, x, torch.cat([sigmas[:-1], sigmas[-2:-1] / 2]), plan=plan)
+    with pytest.raises(dp.PlanError, match="shape"):
+        K.sample_plan(model, torch.zeros(2, 8), sigmas, plan=plan)
+    with pytest.raises(ValueError, match="own step settings"):
+        K.sample_plan(model, x, sigmas, plan=plan, order=3)
+    with pytest.raises(ValueError, match="plan="):
+        K.sample_plan(model, x, sigmas)
+    with pytest.raises(dp.PlanError, match="schedule"):
+        K.plan_sigmas(plan, dp.CosineVP())

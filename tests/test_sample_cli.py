@@ -184,3 +184,82 @@ def test_errors(tmp_path, ddpm_dir, capsys):
     fails([str(ddpm_dir), "--steps", "0"], "--steps must be >= 1")
     fails([str(ddpm_dir), "--final", "max"], "invalid choice")
     assert not (tmp_path / "never").exists()
+
+
+# ----- --plan FILE: a tuned plan instead of --solver / --steps
+
+def _mixed_plan(schedule, shape, n=4, **fields):
+    """A plan no --solver gives: noise prediction first, then data prediction of order 3 with a UniC corrector."""
+    import dpmsolve as dp
+
+    ts = dp.make_grid(schedule, n, "time_power", t_end=0.0)
+    steps = [dp.PlanStep("noise", 2, "taylor"), dp.PlanStep("data", 3, "taylor", "unic")]
+    steps += [dp.PlanStep("data", 3, "taylor")] * (n - 2)
+    return dp.Plan(tuple(ts), tuple(steps), schedule=schedule.fingerprint(), data_shape=shape, **fields)
+
+
+def test_sample_pipeline_with_a_plan(ddpm_dir, tmp_path, capsys):
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(ddpm_dir)
+    pipe.set_progress_bar_config(disable=True)
+    schedule = DPMSolveScheduler.from_config(pipe.scheduler.config).schedule
+    plan = _mixed_plan(schedule, (3, 8, 8))
+    path = str(plan.save(tmp_path / "ddpm.plan.json"))
+    out = tmp_path / "out"
+    assert main(["sample", str(ddpm_dir), "--plan", path, "--batch", "2", "--seed", "3", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert f"plan {path}" in capsys.readouterr().out
+    _, arrays = _pngs(out)
+    pipe.scheduler = DPMSolveScheduler.from_config(pipe.scheduler.config, plan=path)
+    images = pipe(batch_size=2, num_inference_steps=plan.nfe, generator=torch.Generator().manual_seed(3),
+                  output_type="np").images
+    np.testing.assert_array_equal(np.stack(arrays), _to_uint8(images))
+
+
+def test_sample_shipped_model_with_a_plan(tmp_path, capsys):
+    import dpmsolve as dp
+    from dpmsolve import zoo
+
+    m = zoo.load("digits")
+    plan = _mixed_plan(m.schedule, m.shape, n=5)
+    path = str(plan.save(tmp_path / "digits.plan.json"))
+    out = tmp_path / "digits"
+    assert main(["sample", "--model", "digits", "--plan", path, "--batch", "2", "--out", str(out)]) == 0
+    assert "5 NFE (5 used)" in capsys.readouterr().out
+    _, arrays = _pngs(out)
+    x = torch.randn((2, *m.shape), generator=torch.Generator().manual_seed(0))   # as the command draws it
+    ref = dp.sample(zoo.guided(m, torch.arange(2), 3.0), x, plan, progress=False).x
+    pixels = ((ref.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    assert np.array_equal(arrays[0][::4, ::4, 0], pixels[0, 0])
+    # A plan tuned for another model (identity recorded by dpmsolve.tune) is refused.
+    search = pytest.importorskip("dpmsolve.tune.search")
+    assert search.model_identity(zoo.guided(m, torch.arange(2), 3.0)).endswith("|cfg=3")
+    other = _mixed_plan(m.schedule, m.shape, model="net@0123456789abcdef|cfg=3").save(tmp_path / "other.plan.json")
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", "digits", "--plan", str(other), "--out", str(tmp_path / "never")])
+    assert "made for the model" in capsys.readouterr().err
+
+
+def test_plan_errors(tmp_path, ddpm_dir, capsys):
+    import dpmsolve as dp
+
+    def fails(args, message):
+        with pytest.raises(SystemExit) as info:
+            main(["sample", *args, "--out", str(tmp_path / "never"), "--device", "cpu"])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        return err
+
+    path = str(_mixed_plan(dp.DiscreteVP.linear(), (3, 8, 8)).save(tmp_path / "p.plan.json"))
+    fails([str(ddpm_dir), "--plan", path, "--steps", "5"], "give no --steps with it")
+    fails(["--model", "digits", "--plan", path, "--solver", "unipc", "--steps", "4"], "give no --solver / --steps")
+    fails([str(ddpm_dir), "--plan", path, "--grid", "karras"], "give no --grid")
+    fails([str(ddpm_dir), "--plan", str(tmp_path / "missing.json")], "No plan file")
+    cosine = str(_mixed_plan(dp.CosineVP(), (3, 8, 8)).save(tmp_path / "cos.plan.json"))
+    fails([str(ddpm_dir), "--plan", cosine], f"--plan {cosine}: This plan was made for the schedule")
+    fails(["--model", "digits", "--plan", path], "shape")   # digits: (1, 8, 8)
+    wide = str(_mixed_plan(dp.DiscreteVP.linear(), (4, 8, 8)).save(tmp_path / "wide.plan.json"))
+    fails([str(ddpm_dir), "--plan", wide], "shape")         # the pipeline's latents: (3, 8, 8)
+    assert not (tmp_path / "never").exists()

@@ -8,6 +8,11 @@ runs as usual (with its own progress bar) and every image is written as a PNG.
 Unconditional pipelines (those whose ``__call__`` takes ``batch_size``, e.g. ``DDPMPipeline``) take no prompt;
 text-to-image pipelines (those taking ``prompt``) need ``--prompt`` and use ``--guidance``.
 
+``--plan FILE`` samples with a tuned :class:`~dpmsolve.Plan` (``dpmsolve.tune``, ``plan.save``) instead of
+``--solver``/``--order``/``--grid``/``--steps``/``--final`` (the plan holds its times, step settings and end; giving
+any of them with it is an error): the scheduler's ``plan`` for a pipeline, ``dp.sample(denoiser, x, plan)`` for
+``--model``. The plan is checked against the model's schedule and sample shape (and, for ``--model``, the model).
+
 This module imports torch and diffusers only when a command runs, so ``dpmsolve --help`` stays fast.
 """
 
@@ -26,7 +31,8 @@ NO_PIPELINE_MESSAGE = (
     "dpmsolve sample: say what to sample: a model shipped with dpmsolve (--model digits) or the directory of a "
     "diffusers pipeline saved with save_pretrained, e.g.\n"
     "    dpmsolve sample --model digits --guidance 3 --steps 10\n"
-    "    dpmsolve sample ./my-ddpm-pipeline --steps 20 --out samples")
+    "    dpmsolve sample ./my-ddpm-pipeline --steps 20 --out samples\n"
+    "    dpmsolve sample --model digits --plan digits-8nfe.plan.json")
 
 
 class SampleError(ValueError):
@@ -41,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a model shipped with dpmsolve instead of a pipeline (see dpmsolve.zoo.MODELS)")
     parser.add_argument("--label", type=int, default=None,
                         help="class label for a class-conditional --model (default: cycle through the classes)")
-    parser.add_argument("--solver", default="dpmsolver++",
+    parser.add_argument("--solver", default=None,
                         help="dpmsolve solver: ddim, dpmsolver, dpmsolver++, sde-dpmsolver++, unipc, dpmsolver-v3 "
                              "(--model only: it uses the statistics shipped with the model; default dpmsolver++)")
     parser.add_argument("--order", type=int, default=None,
@@ -49,9 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", default=None,
                         help="time grid: logSNR, time_uniform, time_quadratic, time_power, karras, exponential, "
                              "flow_shift (default logSNR; flow_shift for flow-matching pipelines)")
-    parser.add_argument("--steps", type=int, default=20, help="model evaluations (default 20)")
-    parser.add_argument("--final", choices=["zero", "min"], default="zero",
+    parser.add_argument("--steps", type=int, default=None, help="model evaluations (default 20)")
+    parser.add_argument("--final", choices=["zero", "min"], default=None,
                         help="end the grid at sigma = 0 (default) or at the schedule's smallest training noise")
+    parser.add_argument("--plan", default=None, metavar="FILE",
+                        help="a tuned plan file (dpmsolve.tune, Plan.save) to sample with, instead of --solver, "
+                             "--order, --grid, --steps and --final")
     parser.add_argument("--seed", type=int, default=0, help="seed of the start noise (default 0)")
     parser.add_argument("--batch", type=int, default=4, help="number of images (default 4)")
     parser.add_argument("--prompt", default=None, help="text prompt (text-to-image pipelines only)")
@@ -67,15 +76,21 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         print(NO_PIPELINE_MESSAGE, file=sys.stderr)
         return 2
     try:
+        if args.plan is not None:
+            given = [f"--{name}" for name in ("solver", "order", "grid", "steps", "final")
+                     if getattr(args, name) is not None]
+            if given:
+                raise SampleError(f"--plan holds its own times and step settings: give no {' / '.join(given)} "
+                                  "with it.")
+        method = dict(solver=args.solver or "dpmsolver++", order=args.order, grid=args.grid,
+                      steps=20 if args.steps is None else args.steps, final=args.final or "zero", plan=args.plan)
         if args.model is not None:
             if args.pipeline_dir is not None or args.prompt is not None:
                 raise SampleError("--model samples a shipped model: give no PIPELINE_DIR and no --prompt.")
-            paths = sample_zoo(args.model, solver=args.solver, order=args.order, grid=args.grid, steps=args.steps,
-                               final=args.final, seed=args.seed, batch=args.batch, label=args.label,
+            paths = sample_zoo(args.model, **method, seed=args.seed, batch=args.batch, label=args.label,
                                guidance=args.guidance, out=args.out)
         else:
-            paths = sample_pipeline(args.pipeline_dir, solver=args.solver, order=args.order, grid=args.grid,
-                                    steps=args.steps, final=args.final, seed=args.seed, batch=args.batch,
+            paths = sample_pipeline(args.pipeline_dir, **method, seed=args.seed, batch=args.batch,
                                     prompt=args.prompt, guidance=args.guidance, out=args.out, device=args.device)
     except SampleError as exc:
         parser.error(str(exc))  # exits with status 2
@@ -117,12 +132,14 @@ def _solver_options(solver: str, order: int | None) -> dict[str, Any]:
 
 def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = None, grid: str | None = None,
                steps: int = 20, final: str = "zero", seed: int = 0, batch: int = 4, label: int | None = None,
-               guidance: float | None = None, out: str | Path = "dpmsolve-samples") -> list[Path]:
+               guidance: float | None = None, out: str | Path = "dpmsolve-samples",
+               plan: str | Path | None = None) -> list[Path]:
     """Sample a shipped model natively with ``dp.sample`` (classifier-free guidance for class-conditional
-    models) and write one PNG per image, upscaled 4x with nearest neighbours."""
-    import numpy as np
+    models) and write one PNG per image, upscaled 4x with nearest neighbours.
+
+    ``plan``: the path of a plan file, sampled with instead of ``solver`` / ``order`` / ``grid`` / ``steps`` /
+    ``final`` (which are then ignored), after checking it against the model's schedule, sample shape and identity."""
     import torch
-    from PIL import Image
 
     from . import zoo
     from .sampling import sample
@@ -142,6 +159,8 @@ def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = No
         labels = torch.full((batch,), label) if label is not None else torch.arange(batch) % model.num_classes
         denoiser = zoo.guided(model, labels, 3.0 if guidance is None else guidance)
     x = torch.randn((batch, *model.shape), generator=torch.Generator().manual_seed(seed))
+    if plan is not None:
+        return _sample_zoo_plan(name, model, denoiser, x, labels, guidance, seed, plan, out)
     options = _solver_options(solver, order)
     if solver == "dpmsolver-v3":   # the statistics shipped for this model and guidance scale, recommended settings
         scale = None if model.num_classes == 0 else (3.0 if guidance is None else guidance)
@@ -155,7 +174,59 @@ def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = No
                         seed=seed, **options)
     except ValueError as exc:
         raise SampleError(str(exc)) from None
-    images = ((result.x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    paths = _write_zoo_images(result.x, labels, out)
+    shown = {k: v for k, v in options.items() if k != "ems"}
+    print(f"{name}: {solver} {shown}, {steps} NFE ({result.nfe} used), "
+          + ("unconditional" if labels is None else f"guidance {3.0 if guidance is None else guidance}"))
+    return paths
+
+
+def _load_plan(path, schedule, data_shape=None, model: str | None = None):
+    """The plan file at ``path`` checked against the model it will run on; problems as a :class:`SampleError`."""
+    from .tune.plan import Plan, PlanError
+
+    try:
+        return Plan.load(path, schedule=schedule, data_shape=data_shape, model=model)
+    except PlanError as exc:
+        raise _plan_error(path, exc) from None
+
+
+def _plan_error(path, exc: Exception) -> SampleError:
+    """A plan problem reported by the scheduler (which names the file itself) as ``--plan FILE: ...``."""
+    return SampleError(f"--plan {path}: {str(exc).removeprefix(f'The plan {path}: ')}")
+
+
+def _model_identity(denoiser) -> str | None:
+    """The identity ``dpmsolve.tune`` records for ``denoiser`` (None where the tuner is not available)."""
+    try:
+        from .tune.search import model_identity
+    except ImportError:
+        return None
+    return model_identity(denoiser) or None
+
+
+def _sample_zoo_plan(name, model, denoiser, x, labels, guidance, seed, plan_path, out) -> list[Path]:
+    from .sampling import sample
+
+    plan = _load_plan(plan_path, model.schedule, model.shape, _model_identity(denoiser))
+    try:
+        result = sample(denoiser, x, plan, seed=seed)
+    except ValueError as exc:
+        raise SampleError(str(exc)) from None
+    paths = _write_zoo_images(result.x, labels, out)
+    print(f"{name}: plan {plan_path} ({' '.join(s.short() for s in plan.steps)}), {plan.nfe} NFE "
+          f"({result.nfe} used), "
+          + ("unconditional" if labels is None else f"guidance {3.0 if guidance is None else guidance}"))
+    return paths
+
+
+def _write_zoo_images(x, labels, out) -> list[Path]:
+    """One PNG per sample of ``x`` (in [-1, 1]), upscaled 4x with nearest neighbours."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -165,9 +236,6 @@ def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = No
         path = out / (f"sample_{i:04d}.png" if labels is None else f"sample_{i:04d}_label{int(labels[i])}.png")
         Image.fromarray(pixels).save(path)
         paths.append(path)
-    shown = {k: v for k, v in options.items() if k != "ems"}
-    print(f"{name}: {solver} {shown}, {steps} NFE ({result.nfe} used), "
-          + ("unconditional" if labels is None else f"guidance {3.0 if guidance is None else guidance}"))
     return paths
 
 
@@ -211,20 +279,29 @@ def _float32_default():
 def sample_pipeline(pipeline_dir: str | Path, *, solver: str = "dpmsolver++", order: int | None = None,
                     grid: str | None = None, steps: int = 20, final: str = "zero", seed: int = 0, batch: int = 4,
                     prompt: str | None = None, guidance: float | None = None, out: str | Path = "dpmsolve-samples",
-                    device: str | None = None) -> list[Path]:
+                    device: str | None = None, plan: str | Path | None = None) -> list[Path]:
     """Load the pipeline in ``pipeline_dir``, sample ``batch`` images with a dpmsolve solver, write them as
     ``out/sample_0000.png``, ... and return their paths. Raises :class:`SampleError` for bad arguments or a
-    folder that is not a loadable diffusers pipeline."""
-    if steps < 1:
-        raise SampleError(f"--steps must be >= 1, got {steps}.")
+    folder that is not a loadable diffusers pipeline.
+
+    ``plan``: the path of a plan file for the scheduler (its ``plan`` config field), used instead of ``solver`` /
+    ``order`` / ``grid`` / ``steps`` / ``final`` (which are then ignored); checked against the pipeline's schedule
+    and latent shape."""
     if batch < 1:
         raise SampleError(f"--batch must be >= 1, got {batch}.")
-    if final not in ("zero", "min"):
-        raise SampleError(f"--final must be 'zero' or 'min', got {final!r}.")
-    options = _solver_options(solver, order)
+    if plan is None:
+        if steps < 1:
+            raise SampleError(f"--steps must be >= 1, got {steps}.")
+        if final not in ("zero", "min"):
+            raise SampleError(f"--final must be 'zero' or 'min', got {final!r}.")
+        options = _solver_options(solver, order)
+    else:
+        plan = str(plan)
+        _load_plan(plan, None)   # a missing or damaged file is reported before the pipeline loads
     import torch
 
     from .integrations.diffusers import DPMSolveScheduler
+    from .tune.plan import PlanError
 
     with _float32_default():
         pipe = _load_pipeline(pipeline_dir)
@@ -254,22 +331,39 @@ def sample_pipeline(pipeline_dir: str | Path, *, solver: str = "dpmsolver++", or
         if "generator" not in params:
             raise SampleError(f"{type(pipe).__name__} takes no generator, so --seed could not be honoured.")
 
-        overrides: dict[str, Any] = {"solver": solver, "solver_options": options, "final_sigma": final}
-        if grid is not None:
-            overrides["grid"] = grid
+        if plan is None:
+            overrides: dict[str, Any] = {"solver": solver, "solver_options": options, "final_sigma": final}
+            if grid is not None:
+                overrides["grid"] = grid
+        else:
+            overrides = {"plan": plan}
         try:
             scheduler = DPMSolveScheduler.from_config(pipe.scheduler.config, **overrides)
+        except PlanError as exc:
+            raise _plan_error(plan, exc) from None
+        except (ValueError, TypeError) as exc:
+            raise SampleError(f"could not build the dpmsolve scheduler: {exc}") from None
+        if plan is not None:
+            steps = scheduler.plan.nfe
+            kwargs["num_inference_steps"] = steps
+        try:
             scheduler.set_timesteps(int(steps))  # fail here, not inside the pipeline, on a bad grid
         except (ValueError, TypeError) as exc:
             raise SampleError(f"could not build the dpmsolve scheduler: {exc}") from None
         pipe.scheduler = scheduler
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = pipe.to(device)
-        grid_name = scheduler._grid_kind
-        print(f"{type(pipe).__name__} from {pipeline_dir}: {solver} {options or ''} on the {grid_name} grid, "
-              f"{steps} steps to {'sigma = 0' if final == 'zero' else 't_min'}, seed {seed}, on {device}")
+        if plan is None:
+            method = (f"{solver} {options or ''} on the {scheduler._grid_kind} grid, {steps} steps to "
+                      f"{'sigma = 0' if final == 'zero' else 't_min'}")
+        else:
+            method = f"plan {plan} ({' '.join(s.short() for s in scheduler.plan.steps)}), {steps} NFE"
+        print(f"{type(pipe).__name__} from {pipeline_dir}: {method}, seed {seed}, on {device}")
         kwargs["generator"] = torch.Generator().manual_seed(int(seed))
-        images = pipe(**kwargs).images
+        try:
+            images = pipe(**kwargs).images
+        except PlanError as exc:   # made for another latent shape
+            raise _plan_error(plan, exc) from None
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

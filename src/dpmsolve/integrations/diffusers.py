@@ -11,6 +11,12 @@ config defaults::
     pipe.scheduler = DPMSolveScheduler.from_config(pipe.scheduler.config, solver="unipc",
                                                    solver_options={"order": 3}, grid="karras")
 
+A tuned :class:`~dpmsolve.Plan` (``dpmsolve.tune``, saved with ``plan.save``) runs the same way: the config holds
+its file path, and the plan's times and step settings replace ``solver`` and ``grid``::
+
+    pipe.scheduler = DPMSolveScheduler.from_config(pipe.scheduler.config, plan="digits-8nfe.plan.json")
+    pipe(..., num_inference_steps=pipe.scheduler.plan.nfe)
+
 Conventions (see ``set_timesteps``): ``timesteps`` are the network's time values of the evaluations, as float32
 -- the fractional train index ``N t - 1`` for DDPM-type models (UNet2DModel / UNet2DConditionModel accept
 fractional timesteps; our discrete schedule interpolates log alpha between train steps, as the reference
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +47,7 @@ from ..grids import check_grid, make_grid
 from ..model import PREDICTIONS, Prediction
 from ..schedules import ZERO_SNR_ALPHA_BAR, DiscreteVP, RectifiedFlow
 from ..solvers import get_solver
+from ..tune.plan import Plan, PlanError, PlanSolver
 
 __all__ = ["DPMSolveScheduler", "DPMSolveSchedulerOutput", "DDIMSolveScheduler", "DPMSolverPPMultistepScheduler",
            "DPMSolverSinglestepScheduler", "UniPCScheduler"]
@@ -108,6 +116,14 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         use_flow_sigmas, flow_shift: a rectified-flow model (``x_t = (1 - t) x0 + t eps``, t in [1/N, 1 - 1/N])
             whose network takes ``N t`` (SD3/Flux pass sigma * 1000); ``flow_shift`` is the default grid's shift.
         use_dynamic_shifting: for flow models, ``set_timesteps(mu=...)`` sets the shift to ``exp(mu)`` (Flux).
+        plan: the path of a :class:`~dpmsolve.Plan` file (``Plan.save``; a path keeps the config JSON-serialisable),
+            loaded and checked against this scheduler's schedule when the scheduler is built (a
+            :class:`~dpmsolve.PlanError` naming the path otherwise) and against the sample shape on the first step.
+            The plan's times and per-step settings then replace ``solver``, ``solver_options``, ``grid``,
+            ``grid_options`` and ``final_sigma`` (which stay in the config, unused): ``set_timesteps`` takes no
+            count but the plan's (``plan.nfe``), and a run equals ``dpmsolve.sample(denoiser, x_T, plan)``. The
+            loaded plan is ``scheduler.plan`` (None without one). A relative path is read from the working
+            directory, also by ``from_pretrained``.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler",
@@ -122,7 +138,8 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
                  rescale_betas_zero_snr: bool = False, prediction_type: str = "epsilon",
                  solver: str | None = None, solver_options: dict[str, Any] | None = None,
                  grid: str | None = None, grid_options: dict[str, Any] | None = None, final_sigma: str = "zero",
-                 use_flow_sigmas: bool = False, flow_shift: float = 1.0, use_dynamic_shifting: bool = False):
+                 use_flow_sigmas: bool = False, flow_shift: float = 1.0, use_dynamic_shifting: bool = False,
+                 plan: str | None = None):
         # Class defaults of the named presets are written into the config, so a saved config is self-contained.
         if solver is None:
             solver = self._default_solver
@@ -132,8 +149,15 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         grid_options = dict(grid_options or {})
         if trained_betas is not None:
             trained_betas = [float(b) for b in np.asarray(trained_betas, dtype=np.float64).reshape(-1)]
+        if isinstance(plan, Plan):
+            raise ValueError("The scheduler config holds a plan's file path (configs are JSON): save the plan with "
+                             "plan.save('name.plan.json') and pass plan='name.plan.json'.")
+        if plan is not None:
+            if not isinstance(plan, (str, os.PathLike)):
+                raise ValueError(f"plan must be the path of a plan file (str), got {type(plan).__name__}.")
+            plan = os.fspath(plan)
         self.register_to_config(solver=solver, solver_options=solver_options, grid_options=grid_options,
-                                trained_betas=trained_betas)
+                                trained_betas=trained_betas, plan=plan)
 
         if prediction_type not in _PREDICTION_TYPES:
             raise ValueError(f"Unknown prediction_type {prediction_type!r}; valid: {', '.join(_PREDICTION_TYPES)}.")
@@ -141,7 +165,7 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"final_sigma must be 'zero' (end at sigma = 0) or 'min' (end at t_min), got "
                              f"{final_sigma!r}.")
         self.solver = get_solver(solver, **solver_options)
-        if self.solver.adaptive:
+        if self.solver.adaptive and plan is None:
             raise ValueError(f"Solver {solver!r} with options {solver_options} is adaptive: its evaluation times "
                              "are not known up front, so it cannot drive a diffusers pipeline. Use a fixed-grid "
                              "solver (e.g. 'dpmsolver++' with method='multistep').")
@@ -152,6 +176,9 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             betas = _betas(n, beta_start, beta_end, beta_schedule, trained_betas)
             self.schedule = DiscreteVP.from_alphas_cumprod(_alphas_cumprod(betas, rescale_betas_zero_snr))
         self._convert = PREDICTIONS[_PREDICTION_TYPES[prediction_type]]
+        self.plan = self._load_plan(plan) if plan is not None else None
+        if self.plan is not None:
+            self.solver = self.plan.solver()
         self._grid_kind, self._grid_options = self._default_grid(flow_shift)
         if grid is not None:
             self._grid_kind = grid
@@ -164,8 +191,25 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = None
         self.sigmas = None
         self._ts = None          # float64 grid of N + 1 times, the end included
+        self._denoise_to_zero = False  # a plan's final denoising evaluation (one timestep more than steps)
         self._begin_index = None
         self._reset()
+
+    def _check_plan_shape(self, sample: torch.Tensor) -> None:
+        try:
+            self.plan.check(data_shape=tuple(sample.shape[1:]))
+        except PlanError as err:
+            raise PlanError(f"The plan {self.config.plan}: {err}") from None
+
+    def _load_plan(self, path: str) -> Plan:
+        """The plan at ``path``, checked against this scheduler's schedule (a PlanError naming the path)."""
+        try:
+            return Plan.load(path, schedule=self.schedule)
+        except PlanError as err:
+            message = str(err)
+            if path not in message:
+                message = f"The plan {path}: {message}"
+            raise PlanError(message) from None
 
     def _default_grid(self, shift: float):
         if self.config.use_flow_sigmas:
@@ -175,6 +219,7 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
     def _reset(self):
         self._step_index = None
         self._state = None
+        self._active = None      # the solver driving this run (the plan's tail after set_begin_index)
         self._x = None           # the point of the next evaluation (work dtype)
         self._returned = None    # the tensor handed back by the last step (to recognise it as the next sample)
 
@@ -262,6 +307,11 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
                       mu: float | None = None):
         """Build the grid and reset the solver.
 
+        With a ``plan`` in the config, the grid is the plan's own: ``num_inference_steps`` must be None or the
+        plan's model evaluations (``plan.nfe``; a ValueError naming both otherwise), and explicit ``timesteps`` /
+        ``sigmas`` are refused (tune or write a plan for other times); ``mu`` is ignored. A plan with
+        ``denoise_to_zero`` has one timestep more than steps: its last ``step`` returns the x0 prediction there.
+
         Args:
             num_inference_steps: model evaluations (grid intervals) for the configured ``grid``.
             device: where ``timesteps`` live.
@@ -271,6 +321,9 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
                 diffusers' Flux pipeline passes them; a trailing 0 is taken as the end of the grid.
             mu: with ``use_dynamic_shifting`` (flow), the grid shift becomes ``exp(mu)``; ignored otherwise.
         """
+        if self.plan is not None:
+            self._set_plan_timesteps(num_inference_steps, device, timesteps, sigmas)
+            return
         given = [name for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
                                       ("sigmas", sigmas)) if v is not None]
         if len(given) != 1:
@@ -291,12 +344,35 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
                 options["shift"] = float(math.exp(mu))
             t_end = 0.0 if self.config.final_sigma == "zero" else None
             ts = make_grid(self.schedule, int(num_inference_steps), kind, t_end=t_end, **options)
+        self._set_grid(ts, device)
+
+    def _set_grid(self, ts: np.ndarray, device, denoise_to_zero: bool = False):
+        """Timesteps (the evaluations: every time but the end; with ``denoise_to_zero`` every time) and sigmas
+        (the noise level of each evaluation, then the end's: 0 after a final denoising evaluation)."""
         self._ts = ts
-        self.num_inference_steps = ts.size - 1
-        self.timesteps = torch.from_numpy(self._network_time(ts[:-1])).to(device=device, dtype=torch.float32)
-        self.sigmas = torch.from_numpy(self._noise_level(ts)).to(torch.float32)  # on the CPU, as diffusers
+        self._denoise_to_zero = denoise_to_zero
+        evaluated = ts if denoise_to_zero else ts[:-1]
+        self.num_inference_steps = evaluated.size
+        self.timesteps = torch.from_numpy(self._network_time(evaluated)).to(device=device, dtype=torch.float32)
+        levels = self._noise_level(ts)
+        levels = np.append(levels, 0.0) if denoise_to_zero else levels
+        self.sigmas = torch.from_numpy(levels).to(torch.float32)  # on the CPU, as diffusers
         self._begin_index = None
         self._reset()
+
+    def _set_plan_timesteps(self, num_inference_steps, device, timesteps, sigmas):
+        plan, path = self.plan, self.config.plan
+        if timesteps is not None or sigmas is not None:
+            raise ValueError(f"This scheduler runs the plan {path}, which holds its own times: explicit "
+                             f"{'timesteps' if timesteps is not None else 'sigmas'} cannot be used with it. Tune or "
+                             "write a plan for those times, or build the scheduler without plan.")
+        if num_inference_steps is not None and int(num_inference_steps) != plan.nfe:
+            raise ValueError(f"num_inference_steps={int(num_inference_steps)} disagrees with the plan {path}, which "
+                             f"takes {plan.nfe} model evaluations ({len(plan.steps)} steps"
+                             f"{' + a final denoising evaluation' if plan.denoise_to_zero else ''}); pass "
+                             f"num_inference_steps={plan.nfe} (scheduler.plan.nfe) or None.")
+        ts = check_grid(self.schedule, np.asarray(plan.ts, dtype=np.float64), name=f"the times of the plan {path}")
+        self._set_grid(ts, device, plan.denoise_to_zero)
 
     # --------------------------------------------------------------------------------------------- stepping
 
@@ -334,10 +410,14 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
 
     def _start(self, sample: torch.Tensor, work: torch.dtype, generator) -> None:
         # The solver plans from this grid point on; a grid ending at t = 0 ends with its jump to the x0
-        # prediction (the solver's own last stage).
+        # prediction (the solver's own last stage). A plan runs its own step settings from that step on.
         x = sample.to(work)
-        self._state = self.solver.init(self.schedule, self._ts[self._step_index:], x,
-                                       self._solver_generator(generator, sample))
+        k, solver = self._step_index, self.solver
+        if self.plan is not None:
+            self._check_plan_shape(sample)
+            solver = PlanSolver(self.plan.steps[k:]) if k else solver
+        self._active = solver
+        self._state = solver.init(self.schedule, self._ts[k:], x, self._solver_generator(generator, sample))
         self._x = x
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
@@ -358,14 +438,17 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"All {self.num_inference_steps} steps have been taken; call set_timesteps again.")
         in_dtype = sample.dtype
         work = torch.promote_types(in_dtype, torch.float32)
-        state, solver = self._state, self.solver
+        if self._denoise_to_zero and k == self.num_inference_steps - 1:
+            return self._denoise_step(model_output, sample, work, return_dict)
         if self._x is None:
             self._start(sample, work, generator)
-            state = self._state
-        elif sample is not self._returned:  # changed outside: adopt it where it is the solution
-            self._x = sample.to(work)
-            if state.anchor_index == state.i:
-                state = dataclasses.replace(state, x=self._x, x_eval=self._x)
+            state, solver = self._state, self._active
+        else:
+            state, solver = self._state, self._active
+            if sample is not self._returned:  # changed outside: adopt it where it is the solution
+                self._x = sample.to(work)
+                if state.anchor_index == state.i:
+                    state = dataclasses.replace(state, x=self._x, x_eval=self._x)
         x_eval, t = self._x, solver.ask(state)[1]
         a, s = self.schedule.alpha_sigma(t)
         pred = Prediction(*self._convert(model_output.to(work), x_eval, a, s))
@@ -378,6 +461,19 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev_sample,)
         return DPMSolveSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred.x0.to(in_dtype))
+
+    def _denoise_step(self, model_output, sample, work, return_dict):
+        """A plan's final denoising evaluation (``denoise_to_zero``): the sample is its x0 prediction."""
+        if self._x is None:
+            self._check_plan_shape(sample)
+        x_eval = self._x if self._x is not None and sample is self._returned else sample.to(work)
+        a, s = self.schedule.alpha_sigma(float(self._ts[-1]))
+        x0 = Prediction(*self._convert(model_output.to(work), x_eval, a, s)).x0.to(sample.dtype)
+        self._step_index = self.num_inference_steps
+        self._x, self._returned = None, x0
+        if not return_dict:
+            return (x0,)
+        return DPMSolveSchedulerOutput(prev_sample=x0, pred_original_sample=x0)
 
     # --------------------------------------------------------------------------------------------- noising
 

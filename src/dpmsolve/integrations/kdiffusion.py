@@ -46,6 +46,15 @@ Samplers (``SAMPLERS`` maps each name to its dpmsolve solver and defaults):
 ``unipc_bh2``       UniPC order 3, B(h) = e^h - 1 (ComfyUI's ``uni_pc_bh2``)
 ================== ===================================================================================
 
+Tuned plans (:class:`dpmsolve.Plan`, from ``dpmsolve.tune`` or ``Plan.load``): ``plan_sigmas(plan, schedule)``
+is the plan's grid as k-diffusion sigmas, and ``sample_plan(model, x, sigmas, ..., plan=plan)`` runs the plan's
+per-step settings on them (through the same path as every sampler here: equal to ``dpmsolve.sample(denoiser,
+x_T, plan)`` up to round-off, with ``x = x_T / alpha(plan.ts[0])`` in VE coordinates)::
+
+    sigmas = kdiffusion.plan_sigmas(plan, schedule)              # plan.nfe + 1 sigmas (0 last when it denoises)
+    x = kdiffusion.sample_plan(model_k, noise * sigmas[0], sigmas, plan=plan)
+    sampler = comfy.samplers.KSAMPLER(kdiffusion.sample_plan, extra_options={"plan": "my.plan.json"})
+
 ``sample_dpm_adaptive(model, x, sigma_min, sigma_max, ...)`` has k-diffusion's adaptive signature (adaptive
 DPM-Solver-12/23 from ``sigma_max`` to ``sigma_min``; k-diffusion's PID options are not supported).
 
@@ -70,6 +79,7 @@ the noise already scaled, so a custom node can return a sampler object built fro
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
@@ -82,6 +92,7 @@ from ..sampling import sample
 from ..schedules import EDM, Schedule
 from ..solvers import Solver, get_solver
 from ..solvers.base import State
+from ..tune.plan import Plan, PlanError, PlanSolver, PlanStep
 
 __all__ = [
     "SAMPLERS",
@@ -97,6 +108,8 @@ __all__ = [
     "sample_unipc",
     "sample_unipc_bh2",
     "sample_dpm_adaptive",
+    "sample_plan",
+    "plan_sigmas",
     "get_sigmas_karras",
     "get_sigmas_exponential",
     "get_sigmas_logsnr",
@@ -240,9 +253,12 @@ def _net(model: Callable) -> Callable:
     return net
 
 
-def _sample_k(solver_name: str, options: dict[str, Any], model, x: torch.Tensor, sigmas, extra_args,
-              callback, disable) -> torch.Tensor:
-    """The one generic k-diffusion-style sampler: everything goes through :func:`dpmsolve.sample`."""
+def _sample_k(solver_name: str | Callable[[np.ndarray], Solver], options: dict[str, Any], model, x: torch.Tensor,
+              sigmas, extra_args, callback, disable) -> torch.Tensor:
+    """The one generic k-diffusion-style sampler: everything goes through :func:`dpmsolve.sample`.
+
+    ``solver_name``: a registry name (built with ``options``), or a function ``ts -> Solver`` of the sigma grid
+    (then ``options`` may hold only the noise options)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a tensor, got {type(x).__name__}.")
     extra_args = dict(extra_args or {})
@@ -250,8 +266,13 @@ def _sample_k(solver_name: str, options: dict[str, Any], model, x: torch.Tensor,
     s_noise = float(options.pop("s_noise", 1.0))
     seed = options.pop("seed", None)
     generator = options.pop("generator", None)
-    solver = get_solver(solver_name, **options)
     sigmas, ts = _as_grid(sigmas)
+    if callable(solver_name):
+        if options:
+            raise ValueError(f"Unknown option(s) {', '.join(sorted(options))}: a plan holds its own step settings.")
+        solver = solver_name(ts)
+    else:
+        solver = get_solver(solver_name, **options)
     if ts.size < 2:  # no step (k-diffusion's loop runs len(sigmas) - 1 times)
         return x
     schedule = _ve_schedule(ts)
@@ -340,6 +361,51 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     return solution.x
 
 
+def _as_plan(plan) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return Plan.load(plan)
+    raise ValueError("sample_plan needs plan=: a dpmsolve.Plan or the path of a plan file, got "
+                     f"{type(plan).__name__}.")
+
+
+def _plan_solver(plan: Plan, x: torch.Tensor) -> Callable[[np.ndarray], Solver]:
+    """The solver of ``plan`` on a k-diffusion sigma grid (checked against the plan's shape and end): its steps,
+    plus, for a plan that denoises to zero, the jump to sigma = 0 that stands for its final evaluation."""
+    plan.check(data_shape=tuple(x.shape[1:]))
+    steps = plan.steps + ((PlanStep("data", 1, "dpmsolver"),) if plan.denoise_to_zero else ())
+
+    def solver(ts: np.ndarray) -> Solver:
+        if ts.size - 1 != len(steps):
+            raise PlanError(f"This plan takes {plan.nfe} model evaluations, so it needs {plan.nfe + 1} sigmas, but "
+                            f"{ts.size} were given ({ts.size - 1} steps); use plan_sigmas(plan, schedule).")
+        if plan.to_zero != (ts[-1] == 0.0):
+            raise PlanError("This plan ends at sigma = 0 (its last sigma is 0)" if plan.to_zero else
+                            "This plan ends at a positive sigma (no final jump to 0)"
+                            f", but the given sigmas end at {ts[-1]:.6g}; use plan_sigmas(plan, schedule).")
+        return PlanSolver(steps)
+
+    return solver
+
+
+def sample_plan(model, x, sigmas, extra_args=None, callback=None, disable=None, plan=None, **options):
+    """k-diffusion-style sampler running a tuned :class:`~dpmsolve.Plan` (or the path of a plan file) on
+    ``sigmas``: one model evaluation per step, each step with the plan's settings (prediction, order, rule,
+    corrector, compensation).
+
+    ``sigmas`` are normally ``plan_sigmas(plan, schedule)``: then the result equals ``dpmsolve.sample(denoiser,
+    x_T, plan)`` on the plan's schedule (``x = x_T / alpha(plan.ts[0])``; up to round-off). Other sigmas of the
+    same length and end run the plan's settings on other times. ``plan`` is a keyword (ComfyUI:
+    ``KSAMPLER(sample_plan, extra_options={"plan": plan})``); ``**options`` may hold only the noise options
+    (unused: plans are deterministic). Refuses (:class:`~dpmsolve.PlanError`) a plan made for another sample
+    shape, or sigmas that do not fit it."""
+    plan = _as_plan(plan)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a tensor, got {type(x).__name__}.")
+    return _sample_k(_plan_solver(plan, x), dict(options), model, x, sigmas, extra_args, callback, disable)
+
+
 # --------------------------------------------------------------------------------------------- grids
 
 def _to_tensor(sigmas: np.ndarray, device, dtype) -> torch.Tensor:
@@ -389,4 +455,19 @@ def get_sigmas(schedule: Schedule, n: int, kind: str = "logSNR", device="cpu", d
     sigmas = np.zeros_like(ts)
     positive = ts > 0
     sigmas[positive] = np.exp(-schedule.log_snr(ts[positive]))
+    return _to_tensor(sigmas, device, dtype)
+
+
+def plan_sigmas(plan: Plan, schedule: Schedule, device="cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The times of ``plan`` as k-diffusion sigmas: VE ``sigma_t / alpha_t`` at each time of ``plan.ts`` (0 at
+    t = 0), then 0 for a plan that denoises to zero (its final evaluation is k-diffusion's jump to sigma = 0).
+    ``plan.nfe + 1`` values; ``schedule`` is the one the plan was made for (checked: a
+    :class:`~dpmsolve.PlanError` otherwise)."""
+    plan.check(schedule)
+    ts = np.asarray(plan.ts, dtype=np.float64)
+    sigmas = np.zeros_like(ts)
+    positive = ts > 0
+    sigmas[positive] = np.exp(-schedule.log_snr(ts[positive]))
+    if plan.denoise_to_zero:
+        sigmas = np.append(sigmas, 0.0)
     return _to_tensor(sigmas, device, dtype)
