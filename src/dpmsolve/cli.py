@@ -27,6 +27,21 @@ def main(argv=None) -> int:
                             "against cached high-accuracy references")
     bench.add_argument("--zoo-samples", type=int, default=16, help="start noises per zoo model (default 16)")
     bench.add_argument("--out", default="dpmsolve-bench", help="folder for accuracy.md/.json/.png")
+    tune = commands.add_parser("tune", help="tune sampling plans (solver and time steps) for a shipped model",
+                               description="Search the solver settings and time steps of a shipped model for each "
+                                           "NFE (dpmsolve.tune) and save one plan file per NFE.")
+    tune.add_argument("--model", required=True, help="a shipped model: digits, digits-flow or patches")
+    tune.add_argument("--nfe", nargs="+", type=int, default=[5, 6, 8, 10], help="step budgets (default 5 6 8 10)")
+    tune.add_argument("--guidance", type=float, default=None,
+                      help="classifier-free guidance scale of class-conditional models (default 3)")
+    tune.add_argument("--samples", type=int, default=None,
+                      help="tuning start noises, a quarter held out (default 128; patches 64)")
+    tune.add_argument("--seed", type=int, default=12345, help="seed of the start noises (default 12345)")
+    tune.add_argument("--endpoint", choices=["zero", "t_min"], default="zero",
+                      help="tune the sample at sigma = 0 (default) or at the schedule's t_min")
+    tune.add_argument("--budget", type=int, default=None,
+                      help="batched model calls the search may spend per NFE (default 150 x NFE)")
+    tune.add_argument("--out", default="dpmsolve-plans", help="folder for the plan files (default ./dpmsolve-plans)")
     from .sample_cli import add_arguments as add_sample_arguments
 
     sample = commands.add_parser("sample", help="sample images from a saved diffusers pipeline with a dpmsolve solver")
@@ -36,6 +51,8 @@ def main(argv=None) -> int:
         from .sample_cli import run_from_args
 
         return run_from_args(args, sample)
+    if args.command == "tune":
+        return _tune(parser, args)
     if args.command == "bench":
         from .lab.bench import run_bench
 
@@ -53,6 +70,29 @@ def main(argv=None) -> int:
         if args.samples < 1 or args.patches < 2:
             parser.error("--samples must be >= 1 and --patches >= 2")
         demo_main(out=args.out, n=args.samples, plot=not args.no_plot, patches=args.patches)
+    return 0
+
+
+def _tune(parser, args) -> int:
+    from pathlib import Path
+
+    from .zoo import MODELS
+    from .zoo.plans import GUIDANCE, plan_path, tune_model
+
+    if args.model not in MODELS:
+        parser.error(f"--model must be one of {', '.join(MODELS)} (got {args.model!r}); tune your own model in "
+                     "Python with dpmsolve.tune(denoiser, noise, nfe).")
+    if min(args.nfe) < 2 or (args.samples is not None and args.samples < 8):
+        parser.error("every --nfe must be >= 2 and --samples >= 8")
+    guidance = args.guidance if args.guidance is not None else GUIDANCE[args.model]
+    if GUIDANCE[args.model] is None and args.guidance is not None:
+        parser.error(f"{args.model} is unconditional: it takes no --guidance")
+    options = {} if args.budget is None else {"budget": args.budget}
+    plans = tune_model(args.model, args.nfe, guidance, args.samples, args.seed, progress=True,
+                       endpoint=args.endpoint, **options)
+    for k, plan in plans.items():
+        path = plan.save(Path(args.out) / plan_path(args.model, k, guidance).name)
+        print(plan.report() + f"\n-> {path}\n")
     return 0
 
 

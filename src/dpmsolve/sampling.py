@@ -7,7 +7,7 @@ keeps the caller's dtype).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -79,7 +79,7 @@ def _resolve_grid(denoiser: Denoiser, grid, steps, t_start, t_end, grid_options)
 
 def _resolve_plan(plan: Plan, denoiser: Denoiser, x, solver_options, **given):
     """(solver, times, denoise_to_zero) of a plan, refusing options that would change it."""
-    defaults = {"steps": None, "grid": "logSNR", "t_start": None, "t_end": None, "grid_options": None,
+    defaults = {"steps": None, "grid": None, "t_start": None, "t_end": None, "grid_options": None,
                 "denoise_to_zero": False}
     changed = sorted(k for k, v in given.items() if v is not defaults[k] and v != defaults[k]) + sorted(solver_options)
     if changed:
@@ -180,8 +180,8 @@ def _progress_bar(progress, total, solver):
                 disable=None if progress is None else not progress, leave=False)
 
 
-def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver | Plan = "dpmsolver++", *,
-           steps: int | None = None, grid: str | Sequence[float] = "logSNR", t_start: float | None = None,
+def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver | Plan | None = None, *,
+           steps: int | None = None, grid: str | Sequence[float] | None = None, t_start: float | None = None,
            t_end: float | None = None, grid_options: Mapping[str, Any] | None = None,
            denoise_to_zero: bool = False, generator: torch.Generator | None = None, seed: int | None = None,
            callback: Callable[[StepInfo], None] | None = None, progress: bool | None = None,
@@ -189,10 +189,17 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver | Plan = "d
            model_kwargs: Mapping[str, Any] | None = None, **solver_options) -> Solution:
     """Solve from noise ``x`` at ``t_start`` (default ``t_max``) to data at ``t_end`` (default ``t_min``).
 
+    With neither ``solver`` nor ``grid`` (nor ``t_start``) given, the sample follows the model-free default plan
+    for ``steps`` evaluations (:func:`dpmsolve.tune.default_plan`): the steps and per-step solver settings that the
+    tuner finds on a synthetic stand-in for unit-scale data under this schedule, guided at the denoiser's own
+    classifier-free guidance scale (the rule that picks solver, order and grid by NFE and guidance is that search;
+    computed once in a second or two, then cached). A solver without a grid runs on the ``"logSNR"`` grid; a
+    grid without a solver runs DPM-Solver++ 2M.
+
     Args:
         denoiser: from :func:`dpmsolve.wrap_model`, possibly inside guidance / thresholding wrappers.
         x: the starting noise, shape ``(batch, ...)``; fp16/bf16 stay fp16/bf16 (the solver works in float32).
-        solver: a registry name (``"ddim"``, ``"dpmsolver"``, ``"dpmsolver++"``, ``"sde-dpmsolver++"``) with its
+        solver: None (the default plan, above), a registry name (``"ddim"``, ``"dpmsolver"``, ``"dpmsolver++"``, ``"sde-dpmsolver++"``) with its
             options as keyword arguments (``order=3``, ``method="singlestep"``, ``solver_type="taylor"``, ...), or
             a Solver object, or a :class:`~dpmsolve.Plan` (from :func:`dpmsolve.tune` or ``Plan.load``), which holds
             its own times and step settings (then give no grid, steps or solver options).
@@ -211,13 +218,25 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver | Plan = "d
         check_finite: stop with :class:`NonFiniteError` (naming the step and t) when the model returns NaN/Inf.
         model_kwargs: keyword arguments for every model call (class labels, text embeddings).
     """
+    if (solver is None and grid is None and t_start is None and not solver_options and t_end in (None, 0)
+            and not (t_end == 0 and denoise_to_zero)):   # (that combination is refused below)
+        from .tune.default import default_plan, guidance_of
+
+        if not isinstance(denoiser, Denoiser):
+            raise ValueError("denoiser must be built by dpmsolve.wrap_model (or be a dpmsolve.Denoiser), got "
+                             f"{type(denoiser).__name__}.")
+        solver = default_plan(denoiser.schedule, 20 if steps is None else steps, guidance_of(denoiser),
+                              "zero" if t_end == 0 else "t_min")
+        steps = t_end = None
+        if denoise_to_zero:
+            solver, denoise_to_zero = replace(solver, denoise_to_zero=True), False
     if isinstance(solver, Plan):
         solver, ts, denoise_to_zero = _resolve_plan(solver, denoiser, x, solver_options, steps=steps, grid=grid,
                                                     t_start=t_start, t_end=t_end, grid_options=grid_options,
                                                     denoise_to_zero=denoise_to_zero)
     else:
-        solver = _resolve_solver(solver, solver_options)
-        ts = _resolve_grid(denoiser, grid, steps, t_start, t_end, grid_options)
+        solver = _resolve_solver("dpmsolver++" if solver is None else solver, solver_options)
+        ts = _resolve_grid(denoiser, "logSNR" if grid is None else grid, steps, t_start, t_end, grid_options)
     ts = check_grid(denoiser.schedule, ts)
     # A grid ending at t = 0: the last step is the jump to sigma = 0 (the x0 prediction at ts[-2]). Fixed-grid
     # solvers plan it themselves; the adaptive solver stops at ts[-2] and the jump is the final evaluation.

@@ -359,15 +359,18 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
         plan_final = Plan(plan.ts, plan.steps, plan.denoise_to_zero, **fields)
         info.update(objective="mean log per-sample RMS error (tuning noises)", endpoint=endpoint,
                     far_threshold=threshold, seed=seed)
+        checked = 0
         for name, (den, x, ref) in parts.items():
             check = _Runner(den, x, ref)
             summary = _summary(check.errors(plan_final), threshold)
             start = _summary(check.errors(info["_start"]), threshold)
             summary.update(start_median=start["median"], start_rmse=start["rmse"], start_far=start["far"])
             info[name] = summary
+            checked += check.evaluations
         info.pop("_start")
         info["cost"] = {"search_evaluations": runner.evaluations, "reference_evaluations": ref_evals,
-                        "model_evaluations": runner.evaluations + ref_evals, "batch": int(x_t.shape[0]),
+                        "check_evaluations": checked, "batch": int(x_t.shape[0]),
+                        "model_evaluations": runner.evaluations + ref_evals + checked,
                         "runs": runner.runs, "seconds": time.perf_counter() - t0,
                         "seconds_with_references": time.perf_counter() - started}
         plans[int(k)] = Plan(plan.ts, plan.steps, plan.denoise_to_zero, info=info, **fields)
@@ -412,5 +415,6 @@ def _search(runner: _Runner, grid: _Grid, n: int, families, floor: float, budget
     plan, value = _pattern_search(runner, grid, plan, value, floor, budget, moves=MOVES[1:])
     info = {"candidate": f"from {best.label}", "tuning_objective": value, "start_label": start.label,
             "start_objective": start.value, "families": [(b.label, b.value) for b in scored[:8]],
+            "start_plan": {"ts": list(start.plan.ts), "steps": [vars(s) for s in start.plan.steps]},
             "_start": start.plan}
     return plan, info

@@ -14,6 +14,7 @@ scikit-learn's 8x8 digits scaled to ``[-1, 1]``; label ``10`` is the null class 
 ``patches`` is an unconditional model of 32x32 RGB patches of scikit-learn's two sample photos (``CosineVP()``
 schedule, v-prediction, network time input ``1000 t``); score its samples with
 :func:`dpmsolve.zoo.metrics.patches_distance`.
+``plan(name, nfe, guidance)`` gives the tuned sampling plan shipped for a model (:mod:`dpmsolve.zoo.plans`);
 ``statistics(name, guidance)`` gives the DPM-Solver-v3 statistics shipped for a model (:mod:`dpmsolve.zoo.ems`).
 ``classifier()`` is a small CNN classifier of the same digits, used by :mod:`dpmsolve.zoo.metrics`
 (``class_accuracy``, ``digits_fd``).
@@ -38,7 +39,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MODELS = ("digits", "digits-flow", "patches")
 CLASSIFIERS = ("digits-classifier",)
 
-__all__ = ["CLASSIFIERS", "MODELS", "ZooModel", "classifier", "guided", "load", "statistics", "statistics_path",
+__all__ = ["CLASSIFIERS", "MODELS", "ZooModel", "classifier", "guided", "load", "plan", "statistics", "statistics_path",
            "weights_hash", "weights_path"]
 
 
@@ -146,6 +147,13 @@ def statistics(name: str, guidance: float | None = 3.0):
     from .ems import statistics as shipped
 
     return shipped(name, guidance)
+
+
+def plan(name: str, nfe: int, guidance: float | None = 3.0):
+    """The tuned sampling plan shipped for zoo model ``name`` at ``nfe`` evaluations (see :mod:`dpmsolve.zoo.plans`)."""
+    from .plans import plan as shipped
+
+    return shipped(name, nfe, guidance)
 
 
 def statistics_path(name: str, guidance: float | None = 3.0) -> Path:

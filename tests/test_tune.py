@@ -1,0 +1,130 @@
+"""The tuner (dp.tune) and the model-free default plan, on problems with exact solutions."""
+
+import numpy as np
+import pytest
+import torch
+
+import dpmsolve as dp
+from dpmsolve.lab.problems import GaussianData, GaussianMixture
+from dpmsolve.tune import Plan, PlanStep, plan_errors
+from dpmsolve.tune.default import default_plan, guidance_of
+
+SCHEDULE = dp.DiscreteVP.linear()
+
+
+def gaussian():
+    problem = GaussianData(np.linspace(-0.6, 0.6, 8), np.geomspace(0.01, 1.0, 8))
+    return problem, problem.denoiser(SCHEDULE)
+
+
+def exact(problem, x_T, endpoint="zero"):
+    t_end = 1e-12 if endpoint == "zero" else SCHEDULE.t_min
+    if endpoint == "zero":   # sigma = 0: the exact flow map of Gaussian data at rho = 0
+        a0, s0 = SCHEDULE.alpha_sigma(SCHEDULE.t_max)
+        z = (x_T / a0 - problem.mean) / torch.sqrt(problem.var + (s0 / a0) ** 2)
+        return problem.mean + problem.var.sqrt() * z
+    return problem.exact_solution(SCHEDULE, x_T, SCHEDULE.t_max, t_end)
+
+
+def noise(n, seed):
+    return torch.randn((n, 8), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("endpoint", ["zero", "t_min"])
+def test_tuning_never_worsens_held_out_error_on_gaussian_data(endpoint):
+    problem, den = gaussian()
+    x_T = noise(64, 0)
+    plan = dp.tune(den, x_T, 4, reference=exact(problem, x_T, endpoint), endpoint=endpoint, budget=150)
+    held, start = plan.info["held_out"], plan.info["start_plan"]
+    assert held["n"] == 16 and plan.info["tune"]["n"] == 48
+    assert held["median"] <= held["start_median"]
+    # independently, on fresh noises: the tuned plan against the grid the search started from
+    fresh = noise(256, 1)
+    ref = exact(problem, fresh, endpoint)
+    tuned = plan_errors(dp.sample(den, fresh, plan, progress=False).x, ref)
+    begin = plan_errors(dp.sample(den, fresh, Plan(tuple(start["ts"]), tuple(PlanStep(**s) for s in start["steps"])),
+                                  progress=False).x, ref)
+    assert torch.log(tuned).mean() <= torch.log(begin).mean()
+    assert plan.nfe == 4 and plan.to_zero == (endpoint == "zero")
+    assert plan.schedule == SCHEDULE.fingerprint() and plan.data_shape == (8,)
+
+
+def test_tuner_is_deterministic_and_counts_every_evaluation():
+    problem, den = gaussian()
+    calls = []
+
+    class Counting(dp.Denoiser):
+        schedule = SCHEDULE
+
+        def __call__(self, x, t, **kw):
+            calls.append(x.shape[0])
+            return den(x, t, **kw)
+
+    x_T = noise(40, 2)
+    plans = [dp.tune(Counting(), x_T, [3, 5], budget=60, reference_rtol=1e-6, seed=4) for _ in range(2)]
+    for k in (3, 5):
+        assert plans[0][k] == plans[1][k]     # same times and step settings
+        assert plans[0][k].nfe == k
+    cost = [plans[0][k].info["cost"] for k in (3, 5)]
+    assert cost[0]["reference_evaluations"] == cost[1]["reference_evaluations"] > 0   # references shared
+    # every batched call: references once, each NFE's search, and the final held-out / tuning checks
+    total = cost[0]["reference_evaluations"] + sum(c["search_evaluations"] + c["check_evaluations"] for c in cost)
+    assert len(calls) / 2 == total           # two identical tune() calls
+
+
+def test_per_sample_conditioning_travels_with_the_noise():
+    # A class-conditional mixture: a label per start noise, passed as model_kwargs and as a guided wrapper.
+    problem = GaussianMixture.random(k=8, dim=4, seed=5, classes=4)
+    base = problem.denoiser(SCHEDULE)
+    labels = torch.arange(48) % 4
+    x_T = torch.randn((48, 4), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    from dpmsolve.lab.reference import reference_between
+
+    ref = reference_between(lambda y, rho: problem.posterior_mean(y, rho, labels), SCHEDULE, x_T, SCHEDULE.t_max, None)
+    plan = dp.tune(base, x_T, 6, model_kwargs={"y": labels}, reference=ref, budget=80)
+    out = dp.sample(base, x_T, plan, model_kwargs={"y": labels}, progress=False).x
+    assert float(plan_errors(out, ref).median()) < 0.05
+    guided = dp.ClassifierFreeGuidance(base, 2.0, cond={"y": labels}, uncond={"y": torch.full_like(labels, -1)})
+    plan = dp.tune(guided, x_T, 5, budget=40, reference_rtol=1e-6)   # labels sliced inside the wrapper
+    assert plan.info["held_out"]["n"] == 12 and np.isfinite(plan.info["held_out"]["median"])
+
+
+def test_bad_arguments_are_refused():
+    _, den = gaussian()
+    with pytest.raises(ValueError, match="nfe"):
+        dp.tune(den, noise(16, 0), 1)
+    with pytest.raises(ValueError, match="at least 8"):
+        dp.tune(den, noise(4, 0), 5)
+    with pytest.raises(ValueError, match="endpoint"):
+        dp.tune(den, noise(16, 0), 5, endpoint="end")
+    with pytest.raises(ValueError, match="schedule="):
+        dp.tune(lambda kw: den, noise(16, 0), 5)
+
+
+def test_default_plan_is_what_sample_runs_and_follows_guidance():
+    problem, den = gaussian()
+    x_T = noise(32, 5)
+    for steps, t_end, endpoint in ((6, None, "t_min"), (8, 0.0, "zero")):
+        plan = default_plan(SCHEDULE, steps, None, endpoint)
+        assert plan.nfe == steps and plan.to_zero == (endpoint == "zero") and plan.info["default"]
+        out = dp.sample(den, x_T, steps=steps, t_end=t_end, progress=False)
+        assert out.nfe == steps
+        assert torch.equal(out.x, dp.sample(den, x_T, plan, progress=False).x)
+    guided = dp.ClassifierFreeGuidance(den, 4.0, cond={}, uncond={})
+    assert guidance_of(guided) == 4.0 and guidance_of(den) is None
+    assert default_plan(SCHEDULE, 6, 4.0).info["guidance"] == 4.0
+    assert default_plan(SCHEDULE, 6, 1.0) == default_plan(SCHEDULE, 6, None)
+
+
+def test_default_plan_converges_to_the_exact_solution():
+    # Exact flow of Gaussian data: the default plan's error falls steadily with its step budget.
+    problem, den = gaussian()
+    x_T = noise(128, 9)
+    medians = []
+    for steps in (5, 10, 20):
+        for endpoint, t_end in (("t_min", None), ("zero", 0.0)):
+            ref = exact(problem, x_T, endpoint)
+            medians.append(float(plan_errors(dp.sample(den, x_T, steps=steps, t_end=t_end, progress=False).x,
+                                             ref).median()))
+    for end in (0, 1):   # each doubling of the budget at least halves the median error
+        assert medians[end] > 2 * medians[end + 2] > 4 * medians[end + 4], medians
