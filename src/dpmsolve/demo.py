@@ -31,6 +31,7 @@ DEMO_SOLVERS = [
     ("DPM-Solver++ 3M", "dpmsolver++", {"order": 3, "solver_type": "taylor"}),
     ("DPM-Solver 3S", "dpmsolver", {"order": 3, "method": "singlestep"}),
     ("UniPC-2 bh2", "unipc", {"order": 2}),
+    ("default plan (no solver given)", None, {}),
 ]
 DEMO_NFES = (5, 10, 20)
 REFERENCE_STEPS = 200
@@ -66,7 +67,8 @@ def run_demo(n: int = 1000, nfes=DEMO_NFES, seed: int = 0, grid: str = "logSNR")
     table, samples = [], {}
     for label, name, options in DEMO_SOLVERS:
         for nfe in nfes:
-            result = sample(denoiser, x_T, name, steps=nfe, grid=grid, progress=False, **options)
+            on_grid = {} if name is None else {"grid": grid}    # the default plan holds its own times
+            result = sample(denoiser, x_T, name, steps=nfe, progress=False, **on_grid, **options)
             rmse = float(torch.sqrt(((result.x - reference) ** 2).mean()))
             table.append((label, nfe, result.nfe, rmse))
             samples[(label, nfe)] = result.x.numpy()
@@ -81,7 +83,13 @@ def _solve_all(denoiser, x_T, nfes, reference_steps: int, metrics=None, solvers=
     table, samples, quality = [], {}, {}
     for label, name, options in solvers:
         for nfe in nfes:
-            result = sample(denoiser, x_T, name, steps=nfe, t_end=0.0, progress=False, **options)
+            if callable(name):      # a tuned plan per NFE (None where none ships)
+                plan = name(nfe)
+                if plan is None:
+                    continue
+                result = sample(denoiser, x_T, plan, progress=False)
+            else:                   # name None: dp.sample's model-free default plan
+                result = sample(denoiser, x_T, name, steps=nfe, t_end=0.0, progress=False, **options)
             rmse = float(torch.sqrt(((result.x - reference) ** 2).mean()))
             table.append((label, nfe, result.nfe, rmse))
             samples[(label, nfe)] = result.x.numpy()
@@ -92,16 +100,22 @@ def _solve_all(denoiser, x_T, nfes, reference_steps: int, metrics=None, solvers=
                       reference_steps)
 
 
-def _with_v3(name: str, guidance: float | None) -> list:
+def _zoo_solvers(name: str, guidance: float | None) -> list:
     """The demo solvers, plus DPM-Solver-v3 (its recommended settings) when statistics ship for this zoo model
-    and guidance scale."""
+    and guidance scale, and the tuned plans shipped for it (:func:`dpmsolve.zoo.plan`, NFE 5, 6, 8, 10)."""
     from . import zoo
     from .solvers import DPMSolverV3
+    from .zoo.plans import plan_path
 
-    if not zoo.statistics_path(name, guidance).is_file():
-        return list(DEMO_SOLVERS)
-    options = {"ems": zoo.statistics(name, guidance), **DPMSolverV3.recommended(guidance)}
-    return [*DEMO_SOLVERS, ("DPM-Solver-v3", "dpmsolver-v3", options)]
+    solvers = list(DEMO_SOLVERS)
+    if zoo.statistics_path(name, guidance).is_file():
+        options = {"ems": zoo.statistics(name, guidance), **DPMSolverV3.recommended(guidance)}
+        solvers.append(("DPM-Solver-v3", "dpmsolver-v3", options))
+
+    def tuned(nfe: int):
+        return zoo.plan(name, nfe, guidance) if plan_path(name, nfe, guidance).is_file() else None
+
+    return solvers + [("tuned plan (zoo.plan)", tuned, {})]
 
 
 def run_digits_demo(nfes=DEMO_NFES, seed: int = 0, scale: float = 3.0, quality: bool = True) -> DemoResult:
@@ -123,7 +137,7 @@ def run_digits_demo(nfes=DEMO_NFES, seed: int = 0, scale: float = 3.0, quality: 
 
     # Reference: third-order DPM-Solver++ with 200 steps (it differs from a 400-step solve by 6e-4 RMSE, far below
     # the errors the demo shows); the adaptive solver needs ~1500 evaluations for rtol 1e-4 on this network.
-    result = _solve_all(denoiser, x_T, nfes, REFERENCE_STEPS, metrics, _with_v3("digits", scale))
+    result = _solve_all(denoiser, x_T, nfes, REFERENCE_STEPS, metrics, _zoo_solvers("digits", scale))
     if quality:
         from .zoo.metrics import blurred_digits
         from .zoo.train import digits_data
@@ -155,7 +169,7 @@ def run_patches_demo(nfes=DEMO_NFES, seed: int = 0, n: int = 20, quality: bool =
 
     # Reference: 3M with 200 steps (8e-4 RMSE from an 800-step solve: the jump to sigma = 0 makes the
     # convergence first order in the step count; still far below the errors shown at 20 NFE).
-    result = _solve_all(model.denoiser, x_T, nfes, PATCHES_REFERENCE_STEPS, metrics, _with_v3("patches", None))
+    result = _solve_all(model.denoiser, x_T, nfes, PATCHES_REFERENCE_STEPS, metrics, _zoo_solvers("patches", None))
     if quality:
         real = patches_data("test")
         real = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]]
@@ -192,12 +206,14 @@ def _plot_samples(result: DemoResult, path: Path, nfes, show, quality_text, titl
     for row, label in enumerate(labels):
         for col, nfe in enumerate(list(nfes) + [None]):
             ax = axes[row, col]
+            ax.axis("off")
+            if nfe is not None and (label, nfe) not in result.samples:
+                continue            # no tuned plan ships for this NFE
             show(ax, result.reference if nfe is None else result.samples[(label, nfe)])
             q = result.quality.get((label, nfe)) if nfe is not None else result.baselines.get("reference")
             caption = (f"reference (3M, {result.reference_steps} steps)" if nfe is None else
                        f"{label}, NFE {nfe}: RMSE {errors[(label, nfe)]:.3f}") + (quality_text(q) if q else "")
             ax.set_title(caption, fontsize=7)
-            ax.axis("off")
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
@@ -235,7 +251,8 @@ def format_table(result: DemoResult, nfes=DEMO_NFES) -> str:
     lines = ["| solver | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
              "|---|" + "---:|" * len(nfes)]
     for label in labels:
-        lines.append(f"| {label} | " + " | ".join(f"{errors[(label, k)]:.2e}" for k in nfes) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{errors[(label, k)]:.2e}" if (label, k) in errors else "—"
+                                                  for k in nfes) + " |")
     return "\n".join(lines)
 
 
@@ -251,7 +268,8 @@ def format_quality(result: DemoResult, nfes=DEMO_NFES) -> str:
     lines = [f"| {' / '.join(names)} | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
              "|---|" + "---:|" * len(nfes)]
     for label in labels:
-        lines.append(f"| {label} | " + " | ".join(cell(result.quality[(label, k)]) for k in nfes) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell(result.quality[(label, k)]) if (label, k) in result.quality
+                                                  else "—" for k in nfes) + " |")
     for name, q in result.baselines.items():
         text = f"reference (3M, {result.reference_steps} steps)" if name == "reference" else name
         lines.append(f"| {text} | {cell(q)} | | |")
