@@ -131,3 +131,19 @@ def test_bad_plans_are_refused():
         Plan((1.0, 0.5, 0.1), (PlanStep(corrector="unic"), PlanStep("noise")))
     with pytest.raises(PlanError, match="cannot also denoise"):
         Plan((1.0, 0.0), (PlanStep(),), denoise_to_zero=True)
+
+
+@pytest.mark.parametrize("predict, name", [("data", "dpmsolver++"), ("noise", "dpmsolver")])
+@pytest.mark.parametrize("orders, steps, t_end", [((3, 3, 3, 2, 2, 1), 14, None), ((3, 3, 3, 2, 2), 12, None),
+                                                   ((2, 2, 1), 5, 0.0), ((3, 3, 3, 3, 3, 3), 6, 0.0)])
+def test_singlestep_blocks_reproduce_the_singlestep_solver(mixture, predict, name, orders, steps, t_end):
+    # Per-step orders [3, 3, 3, 2, 2, 1] give blocks 3 + 2 + 1 (a block takes its first step's order).
+    den, x_T = mixture
+    per_step = [o for o in orders for _ in range(o)][:steps] if len(orders) < steps else list(orders)
+    plan_steps = tuple(PlanStep(predict, o, "dpmsolver", method="singlestep") for o in per_step)
+    ts = dp.make_grid(SCHEDULE, len(plan_steps), "time_quadratic", t_end=t_end)
+    plan = Plan(tuple(ts), plan_steps)
+    blocks = [length for _, length in plan.solver().blocks()]
+    expected = dp.sample(den, x_T, name, method="singlestep", orders=tuple(blocks), grid=ts, progress=False)
+    got = dp.sample(den, x_T, plan, progress=False)
+    assert torch.equal(expected.x, got.x) and got.nfe == expected.nfe == len(plan_steps)

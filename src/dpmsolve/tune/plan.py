@@ -1,8 +1,9 @@
 """Sampling plans: a tuned solver as data (a grid of times plus per-step settings), run by the fixed-grid engine.
 
 A :class:`Plan` holds ``steps + 1`` times and, for each step, the settings the exponential-integrator engine
-already understands: which prediction it integrates (data x0: DPM-Solver++; noise eps: DPM-Solver), its order
-(how many of the latest evaluations of that prediction it interpolates), the weighting rule of the derivative
+already understands: which prediction it integrates (data x0: DPM-Solver++; noise eps: DPM-Solver), whether it
+is a multistep step or part of a singlestep block, its order (how many evaluations it interpolates), the
+weighting rule of the derivative
 terms, an optional UniC corrector (Zhao et al. 2023) of the step's result, and a DC-Solver-style compensation
 (Zhao et al. 2024): the step's expansion point moved by ``compensation * h`` in lambda, which re-times the
 stored predictions to offset their misalignment. Plans are found by :func:`dpmsolve.tune` (the USF / S^3 idea
@@ -51,6 +52,11 @@ class PlanStep:
         again when the model has been evaluated at its result (no extra evaluation; not on the last step).
     compensation: expansion point of the step moved by ``compensation * h`` in lambda (0: none; needs
         ``rule="taylor"`` and order >= 2).
+    method: ``"multistep"`` (from the current solution through the latest evaluations) or ``"singlestep"``:
+        consecutive singlestep steps form blocks of ``order`` steps (fewer where the run ends), each block one
+        DPM-Solver-k step from its start through the model evaluated at the grid times inside it (Lu et al. 2022,
+        Alg. 1-2; the intermediate points are Taylor steps, the block's last step uses ``rule``). No corrector
+        or compensation on singlestep steps.
     """
 
     predict: str = "data"
@@ -58,6 +64,7 @@ class PlanStep:
     rule: str = "dpmsolver"
     corrector: str | None = None
     compensation: float = 0.0
+    method: str = "multistep"
 
     def __post_init__(self):
         if self.predict not in PREDICTS:
@@ -73,6 +80,10 @@ class PlanStep:
         if not (isinstance(self.compensation, (int, float)) and math.isfinite(self.compensation)):
             raise PlanError(f"A plan step's compensation must be a finite number, got {self.compensation!r}.")
         object.__setattr__(self, "compensation", float(self.compensation))
+        if self.method not in ("multistep", "singlestep"):
+            raise PlanError(f"A plan step's method must be 'multistep' or 'singlestep', got {self.method!r}.")
+        if self.method == "singlestep" and (self.corrector or self.compensation):
+            raise PlanError("Singlestep steps take no corrector or compensation.")
         if self.compensation and (self.rule != "taylor" or self.order < 2):
             raise PlanError("Compensation moves the expansion point of the interpolating polynomial: it needs "
                             f"rule='taylor' and order >= 2 (got rule={self.rule!r}, order={self.order}).")
@@ -82,7 +93,8 @@ class PlanStep:
         return Form(data=self.predict == "data")
 
     def short(self) -> str:
-        text = f"{'D' if self.predict == 'data' else 'N'}{self.order}{self.rule[:2]}"
+        text = f"{'D' if self.predict == 'data' else 'N'}{self.order}{'S' if self.method == 'singlestep' else ''}"
+        text += self.rule[:2]
         text += "+C" if self.corrector else ""
         return text + (f"~{self.compensation:+.2f}" if self.compensation else "")
 
@@ -230,7 +242,7 @@ class Plan:
                  f"{self.model or '(any)'}",
                  "  times:  " + " ".join(f"{t:.4g}" for t in self.ts),
                  "  steps:  " + " ".join(s.short() for s in self.steps)
-                 + "   (D/N: data/noise prediction, order, rule, +C: UniC corrector, ~: compensation)"]
+                 + "   (D/N: data/noise prediction, order, S: singlestep, rule, +C: UniC corrector, ~: compensation)"]
         info = self.info
         if info:
             lines.append(f"  tuned: {info.get('candidate', '?')}; objective {info.get('objective', '?')}")
@@ -276,10 +288,36 @@ class PlanSolver(FixedGridSolver):
             points.append(points[-1] - 1)
         return tuple(points)
 
+    def blocks(self) -> list[tuple[int, int]]:
+        """(start, length) of the singlestep blocks: each run of singlestep steps split into blocks of the order
+        of each block's first step (the last block of a run takes what is left)."""
+        out, i, n = [], 0, len(self.steps)
+        while i < n:
+            if self.steps[i].method != "singlestep":
+                i += 1
+                continue
+            end = i
+            while end < n and self.steps[end].method == "singlestep":
+                end += 1
+            while i < end:
+                length = min(self.steps[i].order, end - i)
+                out.append((i, length))
+                i += length
+        return out
+
     def _stages(self, steps):
         if steps != len(self.steps):
             raise PlanError(f"This plan has {len(self.steps)} steps but the grid has {steps}; use the plan's own times.")
-        return [(i, self._points(i), Rule(s.rule), True) for i, s in enumerate(self.steps)]
+        stages = [(i, self._points(i), Rule(s.rule), True) for i, s in enumerate(self.steps)]
+        for start, length in self.blocks():
+            predicts = {self.steps[j].predict for j in range(start, start + length)}
+            if len(predicts) > 1:
+                raise PlanError(f"The singlestep block of steps {start}-{start + length - 1} mixes predictions.")
+            for q in range(length):
+                last = q == length - 1
+                rule = Rule(self.steps[start + q].rule) if last else Rule.TAYLOR
+                stages[start + q] = (start, tuple(range(start, start + q + 1)), rule, last)
+        return stages
 
     def _correctors(self, stages, nodes):
         out = [None]

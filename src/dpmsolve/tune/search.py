@@ -36,23 +36,27 @@ from .plan import Plan, PlanError, PlanStep
 
 __all__ = ["tune", "FAMILIES", "plan_errors"]
 
-# Solver families the search starts from: (label, predict, order, rule, corrector).
+# Solver families the search starts from: (label, predict, order, rule, corrector, method).
 FAMILIES = (
-    ("DPM-Solver++ 2M", "data", 2, "dpmsolver", None),
-    ("DPM-Solver++ 3M", "data", 3, "taylor", None),
-    ("DPM-Solver 2M (noise)", "noise", 2, "dpmsolver", None),
-    ("DPM-Solver 3M (noise)", "noise", 3, "taylor", None),
-    ("UniPC-2 bh2", "data", 2, "bh2", "unic-bh2"),
-    ("UniPC-3 bh1", "data", 3, "bh1", "unic-bh1"),
-    ("DDIM", "data", 1, "taylor", None),
+    ("DPM-Solver++ 2M", "data", 2, "dpmsolver", None, "multistep"),
+    ("DPM-Solver++ 3M", "data", 3, "taylor", None, "multistep"),
+    ("DPM-Solver 2M (noise)", "noise", 2, "dpmsolver", None, "multistep"),
+    ("DPM-Solver 3M (noise)", "noise", 3, "taylor", None, "multistep"),
+    ("UniPC-2 bh2", "data", 2, "bh2", "unic-bh2", "multistep"),
+    ("UniPC-3 bh1", "data", 3, "bh1", "unic-bh1", "multistep"),
+    ("DPM-Solver++ 2S", "data", 2, "dpmsolver", None, "singlestep"),
+    ("DPM-Solver++ 3S", "data", 3, "dpmsolver", None, "singlestep"),
+    ("DPM-Solver 3S (noise)", "noise", 3, "dpmsolver", None, "singlestep"),
+    ("DDIM", "data", 1, "taylor", None, "multistep"),
 )
 START_GRIDS = (("logSNR", {}), ("time_uniform", {}), ("time_quadratic", {}), ("time_power", {"power": 1.5}),
                ("karras", {}))
 MOVES = (0.5, 0.25, 0.12, 0.06)        # a time moves by this fraction of the gap to its neighbour
 
 
-def _family_steps(n: int, predict: str, order: int, rule: str, corrector: str | None) -> tuple[PlanStep, ...]:
-    return tuple(PlanStep(predict, order, rule, corrector if i < n - 1 else None) for i in range(n))
+def _family_steps(n: int, predict: str, order: int, rule: str, corrector: str | None, method: str
+                  ) -> tuple[PlanStep, ...]:
+    return tuple(PlanStep(predict, order, rule, corrector if i < n - 1 else None, method=method) for i in range(n))
 
 
 # ------------------------------------------------------------------------------------------------ running plans
@@ -71,11 +75,12 @@ class _Runner:
         solver = plan.solver()
         ts = np.asarray(plan.ts)
         state = solver.init(self.denoiser.schedule, ts, self.x.to(self.work))
+        specs = solver._stages(len(plan.steps))   # the evaluation at j depends on the times, settings and stages before j
         j = 0
         with torch.no_grad():
             while not solver.done(state):
                 x_eval, t = solver.ask(state)
-                key = (tuple(ts[: j + 1]), plan.steps[:j])
+                key = (tuple(ts[: j + 1]), plan.steps[:j], tuple(specs[:j]))
                 pred = self.cache.get(key)
                 if pred is None:
                     pred = self.denoiser(x_eval, t)
@@ -195,6 +200,8 @@ def _step_search(runner: _Runner, plan: Plan, value: float, floor: float, budget
         if plan.ts[-1] == 0.0 and i == last:
             break                             # the jump to sigma = 0 has no settings that matter
         s = steps[i]
+        if s.method == "singlestep":
+            continue                          # a block's steps change together (its order is its length)
         options = [PlanStep(s.predict, p, s.rule, s.corrector) for p in (1, 2, 3) if p != s.order]
         if i < last and (i + 1 > last or steps[i + 1].predict == s.predict):
             other = None if s.corrector else ("unic-bh2" if s.rule != "bh1" else "unic-bh1")
@@ -394,8 +401,8 @@ def _search(runner: _Runner, grid: _Grid, n: int, families, floor: float, budget
             fields: dict) -> tuple[Plan, dict]:
     # (1) every family on the standard grids
     scored = []
-    for label, predict, order, rule, corrector in families:
-        steps = _family_steps(n, predict, order, rule, corrector)
+    for label, *settings in families:
+        steps = _family_steps(n, *settings)
         for kind, options in START_GRIDS:
             try:
                 ts = make_grid(runner.denoiser.schedule, n, kind, t_end=0.0 if to_zero else None, **options)
