@@ -10,7 +10,7 @@ the noises into a tuning and a held-out part, and minimises the tuning objective
 * **Search**: (1) every solver family of :data:`FAMILIES` on the standard grids, (2) for the best families, a
   pattern search over the time grid that moves one time at a time inside the gap to its neighbours (in
   lambda; the last evaluated time before a jump to sigma = 0 is free too), with a prefix cache (a move of time
-  k leaves the evaluations before k unchanged, so they are reused), (3) per step, the order, the corrector and
+  k leaves the evaluations before k unchanged, so they are reused), (3) per step, the order, the prediction, the corrector and
   the compensation of the best plan, then (4) the grid once more. Deterministic: no randomness anywhere but
   the split, which ``seed`` fixes.
 * **Held out**: a part of the noises that the search never sees measures the chosen plan (``plan.info``,
@@ -193,7 +193,8 @@ def _pattern_search(runner: _Runner, grid: _Grid, plan: Plan, value: float, floo
 
 
 def _step_search(runner: _Runner, plan: Plan, value: float, floor: float, budget: int) -> tuple[Plan, float]:
-    """Per step, other orders, corrector on/off and a compensation of -/+0.25 (kept where the objective drops)."""
+    """Per step, other orders, the other prediction, corrector on/off and a compensation of -/+0.25 (kept where
+    the objective drops)."""
     steps = list(plan.steps)
     last = len(steps) - 1
     for i in range(len(steps)):
@@ -203,6 +204,7 @@ def _step_search(runner: _Runner, plan: Plan, value: float, floor: float, budget
         if s.method == "singlestep":
             continue                          # a block's steps change together (its order is its length)
         options = [PlanStep(s.predict, p, s.rule, s.corrector) for p in (1, 2, 3) if p != s.order]
+        options.append(PlanStep("noise" if s.predict == "data" else "data", s.order, s.rule))
         if i < last and (i + 1 > last or steps[i + 1].predict == s.predict):
             other = None if s.corrector else ("unic-bh2" if s.rule != "bh1" else "unic-bh1")
             options.append(PlanStep(s.predict, s.order, s.rule, other))
