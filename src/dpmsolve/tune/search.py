@@ -406,6 +406,8 @@ def _search(runner: _Runner, grid: _Grid, n: int, families, floor: float, budget
     for label, *settings in families:
         steps = _family_steps(n, *settings)
         for kind, options in START_GRIDS:
+            if scored and runner.evaluations >= budget:
+                break
             try:
                 ts = make_grid(runner.denoiser.schedule, n, kind, t_end=0.0 if to_zero else None, **options)
                 plan = Plan(tuple(ts), steps)
