@@ -50,7 +50,8 @@ class SolverConfig:
                       t_end=0.0 if endpoint == "zero" else None, progress=False, **self.options)
 
 
-# The README's one recommended configuration (the same for every problem; see "How accurate is it?"): 2M on
+# The one configuration the README recommended before tuned plans (kept as a lab baseline; "How accurate is it?"
+# has its measurement): 2M on
 # the time_power grid (uniform in t^(2/3)) to sigma = 0. On a grid ending at 0 the last step is the first-order
 # jump to the x0 prediction, so lower_order_final changes nothing for 2M; it is kept for grids that do not.
 RECOMMENDED = SolverConfig("dpmsolve recommended: DPM-Solver++ 2M time_power(1.5)", "dpmsolver++",

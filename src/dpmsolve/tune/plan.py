@@ -6,8 +6,8 @@ is a multistep step or part of a singlestep block, its order (how many evaluatio
 weighting rule of the derivative
 terms, an optional UniC corrector (Zhao et al. 2023) of the step's result, and a DC-Solver-style compensation
 (Zhao et al. 2024): the step's expansion point moved by ``compensation * h`` in lambda, which re-times the
-stored predictions to offset their misalignment. Plans are found by :func:`dpmsolve.tune` (the USF / S^3 idea
-of searching the solver per step: Liu et al. 2023, Frankel et al. 2024) or written by hand, saved as small JSON
+stored predictions to offset their misalignment. Plans are found by :func:`dpmsolve.tune` (the USF idea
+of searching the solver per step: Liu et al. 2023) or written by hand, saved as small JSON
 files and validated on load against the schedule, sample shape and model they were made for.
 
 The last time may be 0 (sigma = 0): the last step is then the jump to the x0 prediction at the previous time,
