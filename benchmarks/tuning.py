@@ -463,7 +463,7 @@ def run_zoo(name: str, endpoint: str, nfes, samples: int, peers, out: Path, refe
             return log(f"{name} [{endpoint}]: every cell already in the JSON (--resume)")
     from dpmsolve import zoo
     from dpmsolve.lab.neural import zoo_problem
-    from dpmsolve.tune import PlanError
+    from dpmsolve.tuning import PlanError
     from dpmsolve.zoo import plans as zoo_plans
 
     guidance = ZOO[name]

@@ -1,4 +1,4 @@
-"""Plans: a grid plus per-step settings, run by the fixed-grid engine (dpmsolve.tune.plan)."""
+"""Plans: a grid plus per-step settings, run by the fixed-grid engine (dpmsolve.tuning.plan)."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch
 
 import dpmsolve as dp
 from dpmsolve.lab.problems import GaussianData, GaussianMixture
-from dpmsolve.tune import Plan, PlanError, PlanStep
+from dpmsolve.tuning import Plan, PlanError, PlanStep
 
 SCHEDULE = dp.DiscreteVP.linear()
 

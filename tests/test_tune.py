@@ -6,8 +6,8 @@ import torch
 
 import dpmsolve as dp
 from dpmsolve.lab.problems import GaussianData, GaussianMixture
-from dpmsolve.tune import Plan, PlanStep, plan_errors
-from dpmsolve.tune.default import default_plan, guidance_of
+from dpmsolve.tuning import Plan, PlanStep, plan_errors
+from dpmsolve.tuning.default import default_plan, guidance_of
 
 SCHEDULE = dp.DiscreteVP.linear()
 

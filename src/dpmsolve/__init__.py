@@ -16,7 +16,7 @@ from .model import (
 from . import ems as ems
 from .sampling import NonFiniteError as NonFiniteError, Solution as Solution, StepInfo as StepInfo
 from .sampling import invert as invert, sample as sample
-from .tune import Plan as Plan, PlanError as PlanError, PlanStep as PlanStep, tune as tune
+from .tuning import Plan as Plan, PlanError as PlanError, PlanStep as PlanStep, tune as tune
 from .schedules import (
     EDM as EDM,
     CosineVP as CosineVP,

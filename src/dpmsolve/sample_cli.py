@@ -183,7 +183,7 @@ def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = No
 
 def _load_plan(path, schedule, data_shape=None, model: str | None = None):
     """The plan file at ``path`` checked against the model it will run on; problems as a :class:`SampleError`."""
-    from .tune.plan import Plan, PlanError
+    from .tuning.plan import Plan, PlanError
 
     try:
         return Plan.load(path, schedule=schedule, data_shape=data_shape, model=model)
@@ -199,7 +199,7 @@ def _plan_error(path, exc: Exception) -> SampleError:
 def _model_identity(denoiser) -> str | None:
     """The identity ``dpmsolve.tune`` records for ``denoiser`` (None where the tuner is not available)."""
     try:
-        from .tune.search import model_identity
+        from .tuning.search import model_identity
     except ImportError:
         return None
     return model_identity(denoiser) or None
@@ -301,7 +301,7 @@ def sample_pipeline(pipeline_dir: str | Path, *, solver: str = "dpmsolver++", or
     import torch
 
     from .integrations.diffusers import DPMSolveScheduler
-    from .tune.plan import PlanError
+    from .tuning.plan import PlanError
 
     with _float32_default():
         pipe = _load_pipeline(pipeline_dir)

@@ -16,7 +16,7 @@ import torch
 from .grids import check_grid, make_grid
 from .model import Denoiser, Prediction
 from .solvers import Solver, get_solver
-from .tune.plan import Plan
+from .tuning.plan import Plan
 
 __all__ = ["sample", "invert", "Solution", "StepInfo", "NonFiniteError"]
 
@@ -190,7 +190,7 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver | Plan | No
     """Solve from noise ``x`` at ``t_start`` (default ``t_max``) to data at ``t_end`` (default ``t_min``).
 
     With neither ``solver`` nor ``grid`` (nor ``t_start``) given, the sample follows the model-free default plan
-    for ``steps`` evaluations (:func:`dpmsolve.tune.default_plan`): the steps and per-step solver settings that the
+    for ``steps`` evaluations (:func:`dpmsolve.tuning.default_plan`): the steps and per-step solver settings that the
     tuner finds on a synthetic stand-in for unit-scale data under this schedule, guided at the denoiser's own
     classifier-free guidance scale (the rule that picks solver, order and grid by NFE and guidance is that search;
     computed once in a second or two, then cached). A solver without a grid runs on the ``"logSNR"`` grid; a
@@ -220,7 +220,7 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver | Plan | No
     """
     if (solver is None and grid is None and t_start is None and not solver_options and t_end in (None, 0)
             and not (t_end == 0 and denoise_to_zero)):   # (that combination is refused below)
-        from .tune.default import default_plan, guidance_of
+        from .tuning.default import default_plan, guidance_of
 
         if not isinstance(denoiser, Denoiser):
             raise ValueError("denoiser must be built by dpmsolve.wrap_model (or be a dpmsolve.Denoiser), got "

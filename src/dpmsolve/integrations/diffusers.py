@@ -47,7 +47,7 @@ from ..grids import check_grid, make_grid
 from ..model import PREDICTIONS, Prediction
 from ..schedules import ZERO_SNR_ALPHA_BAR, DiscreteVP, RectifiedFlow
 from ..solvers import get_solver
-from ..tune.plan import Plan, PlanError, PlanSolver
+from ..tuning.plan import Plan, PlanError, PlanSolver
 
 __all__ = ["DPMSolveScheduler", "DPMSolveSchedulerOutput", "DDIMSolveScheduler", "DPMSolverPPMultistepScheduler",
            "DPMSolverSinglestepScheduler", "UniPCScheduler"]

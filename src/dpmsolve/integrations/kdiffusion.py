@@ -92,7 +92,7 @@ from ..sampling import sample
 from ..schedules import EDM, Schedule
 from ..solvers import Solver, get_solver
 from ..solvers.base import State
-from ..tune.plan import Plan, PlanError, PlanSolver, PlanStep
+from ..tuning.plan import Plan, PlanError, PlanSolver, PlanStep
 
 __all__ = [
     "SAMPLERS",

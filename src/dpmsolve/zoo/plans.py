@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..tune import Plan, PlanError, model_identity, tune
+from ..tuning import Plan, PlanError, model_identity, tune
 from . import MODELS, WEIGHTS_DIR, guided, load
 
 __all__ = ["SHIPPED_NFES", "GUIDANCE", "SAMPLES", "plan", "plan_path", "tune_model"]

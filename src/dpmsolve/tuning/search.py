@@ -302,7 +302,8 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
          model_kwargs: Mapping[str, Any] | None = None, held_out: float = 0.25, endpoint: str = "zero",
          reference: torch.Tensor | None = None, reference_steps: int = 200, reference_rtol: float | None = None,
          families: Sequence = FAMILIES,
-         budget: int | None = None, budget_per_nfe: int = 150, seed: int = 0, schedule: Schedule | None = None, model: str | None = None,
+         budget: int | None = None, budget_per_nfe: int = 150, moves: Sequence[float] = MOVES,
+         per_step: bool = True, seed: int = 0, schedule: Schedule | None = None, model: str | None = None,
          progress: bool | None = None) -> Plan | dict[int, Plan]:
     """Search a plan (time grid and per-step solver settings) for ``denoiser`` at ``nfe`` model evaluations.
 
@@ -322,6 +323,8 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
         families: solver families to start from (see :data:`FAMILIES`).
         budget: batched model calls the search may spend per NFE (default ``budget_per_nfe * nfe``), references
             apart.
+        moves: the fractions of the gap to a neighbour by which the grid search moves a time (largest first).
+        per_step: also search the per-step settings (order, prediction, corrector, compensation).
         seed: fixes the tuning / held-out split (the search itself has no randomness).
         model: the model identifier stored in the plan (default: a hash of the network's parameters).
     """
@@ -375,7 +378,7 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
         t0 = time.perf_counter()
         runner = _Runner(den_t, x_t, ref_t)
         limit = budget_per_nfe * k if budget is None else int(budget)
-        plan, info = _search(runner, grid, int(k), families, floor, limit, to_zero, fields)
+        plan, info = _search(runner, grid, int(k), families, floor, limit, to_zero, tuple(moves), per_step)
         plan_final = Plan(plan.ts, plan.steps, plan.denoise_to_zero, **fields)
         info.update(objective="mean log per-sample RMS error (tuning noises)", endpoint=endpoint,
                     far_threshold=threshold, seed=seed)
@@ -400,7 +403,7 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
 
 
 def _search(runner: _Runner, grid: _Grid, n: int, families, floor: float, budget: int, to_zero: bool,
-            fields: dict) -> tuple[Plan, dict]:
+            moves: tuple[float, ...], per_step: bool) -> tuple[Plan, dict]:
     # (1) every family on the standard grids
     scored = []
     for label, *settings in families:
@@ -429,12 +432,14 @@ def _search(runner: _Runner, grid: _Grid, n: int, families, floor: float, budget
     share = max(0, (budget - spent) // 2) // len(finalists)
     tuned = []
     for b in finalists:
-        plan, value = _pattern_search(runner, grid, b.plan, b.value, floor, runner.evaluations + share)
+        plan, value = _pattern_search(runner, grid, b.plan, b.value, floor, runner.evaluations + share, moves)
         tuned.append(_Best(plan, value, b.label))
     best = min(tuned, key=lambda b: b.value)
     # (3) per-step settings, (4) the grid again
-    plan, value = _step_search(runner, best.plan, best.value, floor, spent + (budget - spent) * 3 // 4)
-    plan, value = _pattern_search(runner, grid, plan, value, floor, budget, moves=MOVES[1:])
+    plan, value = best.plan, best.value
+    if per_step:
+        plan, value = _step_search(runner, plan, value, floor, spent + (budget - spent) * 3 // 4)
+    plan, value = _pattern_search(runner, grid, plan, value, floor, budget, moves[1:])
     info = {"candidate": f"from {best.label}", "tuning_objective": value, "start_label": start.label,
             "start_objective": start.value, "families": [(b.label, b.value) for b in scored[:8]],
             "start_plan": {"ts": list(start.plan.ts), "steps": [vars(s) for s in start.plan.steps]},
