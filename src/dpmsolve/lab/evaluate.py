@@ -9,6 +9,7 @@ bootstrap interval, plus the MSE in data space.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,7 +113,10 @@ class LabProblem:
                                                       rtol=self.reference_rtol)[0]
         else:
             compute = lambda: reference_between(self.x0_fn, s, self.x_T, s.t_max, t_end)  # noqa: E731
-        return cached(f"v1|{self.key}|{s.fingerprint()}|{endpoint}|{tuple(self.x_T.shape)}", compute)
+        # The key holds a digest of the start noises themselves: standard_problems draws them from one generator
+        # in turn, so the same name, seed and n gave other noises when other problems were built before.
+        noise = hashlib.sha256(self.x_T.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        return cached(f"v2|{self.key}|{s.fingerprint()}|{endpoint}|{tuple(self.x_T.shape)}|{noise}", compute)
 
 
 def high_accuracy_reference(denoiser: Denoiser, x_T: torch.Tensor, endpoint: str = "zero",
