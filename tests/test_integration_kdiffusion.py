@@ -17,7 +17,7 @@ def _k_diffusion():
     try:
         return _k_diffusion_sampling()
     except ImportError as exc:
-        pytest.skip(str(exc))
+        pytest.skip(f"k-diffusion is not installed ({exc}); scripts/setup.sh installs it with --no-deps")
 
 
 def ve_model(problem):

@@ -91,7 +91,7 @@ def needs_library(name: str) -> None:
         try:
             peers._k_diffusion_sampling()
         except ImportError as exc:
-            pytest.skip(str(exc))
+            pytest.skip(f"k-diffusion is not installed ({exc}); scripts/setup.sh installs it with --no-deps")
 
 
 def expected_calls(name: str, nfe: int, endpoint: str) -> int:
@@ -379,7 +379,7 @@ def test_k_diffusion_import_leaves_no_placeholder_modules():
     try:
         peers._k_diffusion_sampling()
     except ImportError as exc:
-        pytest.skip(str(exc))
+        pytest.skip(f"k-diffusion is not installed ({exc}); scripts/setup.sh installs it with --no-deps")
     for name in ("torchvision", "torchsde", "torchdiffeq"):
         module = sys.modules.get(name)
         assert module is None or not isinstance(module, peers._PlaceholderModule)

@@ -6,17 +6,19 @@ from pathlib import Path
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = README.parent / "docs" / "guide.md"     # continues the README's examples in the same namespace
 
 
 def test_readme_examples_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = [(path, block) for path in (README, GUIDE)
+              for block in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)]
     assert len(blocks) >= 4
     namespace: dict = {}
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)  # as a user would run them
     try:
-        for block in blocks:
-            exec(compile(block, str(README), "exec"), namespace)
+        for path, block in blocks:
+            exec(compile(block, str(path), "exec"), namespace)
     finally:
         torch.set_default_dtype(old)
     assert namespace["result"].nfe == 12

@@ -233,7 +233,7 @@ def test_sample_shipped_model_with_a_plan(tmp_path, capsys):
     pixels = ((ref.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     assert np.array_equal(arrays[0][::4, ::4, 0], pixels[0, 0])
     # A plan tuned for another model (identity recorded by dpmsolve.tune) is refused.
-    search = pytest.importorskip("dpmsolve.tuning.search")
+    from dpmsolve.tuning import search
     assert search.model_identity(zoo.guided(m, torch.arange(2), 3.0)).endswith("|cfg=3")
     other = _mixed_plan(m.schedule, m.shape, model="net@0123456789abcdef|cfg=3").save(tmp_path / "other.plan.json")
     with pytest.raises(SystemExit):

@@ -197,11 +197,9 @@ def _plan_error(path, exc: Exception) -> SampleError:
 
 
 def _model_identity(denoiser) -> str | None:
-    """The identity ``dpmsolve.tune`` records for ``denoiser`` (None where the tuner is not available)."""
-    try:
-        from .tuning.search import model_identity
-    except ImportError:
-        return None
+    """The identity ``dpmsolve.tune`` records for ``denoiser`` (None when it has no torch network to hash)."""
+    from .tuning.search import model_identity
+
     return model_identity(denoiser) or None
 
 
