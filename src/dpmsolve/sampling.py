@@ -199,7 +199,8 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver | Plan | No
     Args:
         denoiser: from :func:`dpmsolve.wrap_model`, possibly inside guidance / thresholding wrappers.
         x: the starting noise, shape ``(batch, ...)``; fp16/bf16 stay fp16/bf16 (the solver works in float32).
-        solver: None (the default plan, above), a registry name (``"ddim"``, ``"dpmsolver"``, ``"dpmsolver++"``, ``"sde-dpmsolver++"``) with its
+        solver: None (the default plan, above), a registry name (``"ddim"``, ``"dpmsolver"``, ``"dpmsolver++"``,
+            ``"sde-dpmsolver++"``) with its
             options as keyword arguments (``order=3``, ``method="singlestep"``, ``solver_type="taylor"``, ...), or
             a Solver object, or a :class:`~dpmsolve.Plan` (from :func:`dpmsolve.tune` or ``Plan.load``), which holds
             its own times and step settings (then give no grid, steps or solver options).

@@ -111,24 +111,16 @@ def _cached(schedule: Schedule, nfe: int, guidance: float | None, endpoint: str)
 
 
 def _compute(schedule: Schedule, nfe: int, guidance: float | None, endpoint: str) -> Plan:
-    from ..grids import make_grid
     from ..lab.reference import reference_between
     from ..sampling import sample
     from .plan import PlanStep
-    from .search import FAMILIES, START_GRIDS, _family_steps, _objective, plan_errors
+    from .search import FAMILIES, _objective, plan_errors, standard_candidates
 
     if nfe == 1:   # one evaluation: the jump to its x0 prediction, or one DDIM step
         ts = (schedule.t_max, 0.0 if endpoint == "zero" else schedule.t_min)
         return Plan(ts, (PlanStep("data", 1, "taylor"),), schedule=schedule.fingerprint(), info={"default": True})
     families = FAMILIES if guidance is None else [f for f in FAMILIES if f[1] == "data" and f[2] <= 2]
-    candidates = []
-    for label, *settings in families:
-        for kind, options in START_GRIDS:
-            try:
-                ts = make_grid(schedule, nfe, kind, t_end=0.0 if endpoint == "zero" else None, **options)
-            except ValueError:
-                continue
-            candidates.append((f"{label}, {kind} grid", Plan(tuple(ts), _family_steps(nfe, *settings))))
+    candidates = list(standard_candidates(schedule, nfe, families, endpoint == "zero"))
     labels = torch.arange(PROXY_SAMPLES) % PROXY_CLASSES
     x_T = torch.randn((PROXY_SAMPLES, PROXY_DIM), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     t_end = None if endpoint == "zero" else schedule.t_min

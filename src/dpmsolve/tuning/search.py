@@ -10,8 +10,8 @@ the noises into a tuning and a held-out part, and minimises the tuning objective
 * **Search**: (1) every solver family of :data:`FAMILIES` on the standard grids, (2) for the best families, a
   pattern search over the time grid that moves one time at a time inside the gap to its neighbours (in
   lambda; the last evaluated time before a jump to sigma = 0 is free too), with a prefix cache (a move of time
-  k leaves the evaluations before k unchanged, so they are reused), (3) per step, the order, the prediction, the corrector and
-  the compensation of the best plan, then (4) the grid once more. Deterministic: no randomness anywhere but
+  k leaves the evaluations before k unchanged, so they are reused), (3) per step, the order, the prediction,
+  the corrector and the compensation of the best plan, then (4) the grid once more. Deterministic: no randomness anywhere but
   the split, which ``seed`` fixes.
 * **Held out**: a part of the noises that the search never sees measures the chosen plan (``plan.info``,
   ``plan.report()``).
@@ -75,7 +75,7 @@ class _Runner:
         solver = plan.solver()
         ts = np.asarray(plan.ts)
         state = solver.init(self.denoiser.schedule, ts, self.x.to(self.work))
-        specs = solver._stages(len(plan.steps))   # the evaluation at j depends on the times, settings and stages before j
+        specs = solver._stages(len(plan.steps))   # the evaluation at j depends on times, settings, stages before j
         j = 0
         with torch.no_grad():
             while not solver.done(state):
@@ -378,7 +378,8 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
         t0 = time.perf_counter()
         runner = _Runner(den_t, x_t, ref_t)
         limit = budget_per_nfe * k if budget is None else int(budget)
-        plan, info = _search(runner, grid, int(k), families, floor, limit, to_zero, tuple(moves), per_step)
+        plan, start_plan, info = _search(runner, grid, int(k), families, floor, limit, to_zero, tuple(moves),
+                                         per_step)
         plan_final = Plan(plan.ts, plan.steps, plan.denoise_to_zero, **fields)
         info.update(objective="mean log per-sample RMS error (tuning noises)", endpoint=endpoint,
                     far_threshold=threshold, seed=seed)
@@ -386,11 +387,10 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
         for name, (den, x, ref) in parts.items():
             check = _Runner(den, x, ref)
             summary = _summary(check.errors(plan_final), threshold)
-            start = _summary(check.errors(info["_start"]), threshold)
+            start = _summary(check.errors(start_plan), threshold)
             summary.update(start_median=start["median"], start_rmse=start["rmse"], start_far=start["far"])
             info[name] = summary
             checked += check.evaluations
-        info.pop("_start")
         info["cost"] = {"search_evaluations": runner.evaluations, "reference_evaluations": ref_evals,
                         "check_evaluations": checked, "batch": int(x_t.shape[0]),
                         "model_evaluations": runner.evaluations + ref_evals + checked,
@@ -402,21 +402,28 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
     return plans[int(nfes[0])] if isinstance(nfe, (int, np.integer)) else plans
 
 
-def _search(runner: _Runner, grid: _Grid, n: int, families, floor: float, budget: int, to_zero: bool,
-            moves: tuple[float, ...], per_step: bool) -> tuple[Plan, dict]:
-    # (1) every family on the standard grids
-    scored = []
+def standard_candidates(schedule: Schedule, n: int, families=FAMILIES, to_zero: bool = True):
+    """(label, plan) of every solver family on every standard grid of ``n`` steps (grids that cannot be made,
+    e.g. a time grid that would evaluate below t_min, are left out)."""
     for label, *settings in families:
         steps = _family_steps(n, *settings)
         for kind, options in START_GRIDS:
-            if scored and runner.evaluations >= budget:
-                break
             try:
-                ts = make_grid(runner.denoiser.schedule, n, kind, t_end=0.0 if to_zero else None, **options)
-                plan = Plan(tuple(ts), steps)
+                ts = make_grid(schedule, n, kind, t_end=0.0 if to_zero else None, **options)
             except ValueError:
                 continue
-            scored.append(_Best(plan, _objective(runner.errors(plan), floor), f"{label}, {kind} grid"))
+            yield f"{label}, {kind} grid", Plan(tuple(ts), steps)
+
+
+def _search(runner: _Runner, grid: _Grid, n: int, families, floor: float, budget: int, to_zero: bool,
+            moves: tuple[float, ...], per_step: bool) -> tuple[Plan, Plan, dict]:
+    """(the tuned plan, the best standard configuration it started from, what the search did)."""
+    # (1) every family on the standard grids
+    scored = []
+    for label, plan in standard_candidates(runner.denoiser.schedule, n, families, to_zero):
+        if scored and runner.evaluations >= budget:
+            break
+        scored.append(_Best(plan, _objective(runner.errors(plan), floor), label))
     scored.sort(key=lambda b: b.value)
     start = scored[0]
     # (2) the grid of the best families (distinct families only), half of the budget shared among them
@@ -442,6 +449,5 @@ def _search(runner: _Runner, grid: _Grid, n: int, families, floor: float, budget
     plan, value = _pattern_search(runner, grid, plan, value, floor, budget, moves[1:])
     info = {"candidate": f"from {best.label}", "tuning_objective": value, "start_label": start.label,
             "start_objective": start.value, "families": [(b.label, b.value) for b in scored[:8]],
-            "start_plan": {"ts": list(start.plan.ts), "steps": [vars(s) for s in start.plan.steps]},
-            "_start": start.plan}
-    return plan, info
+            "start_plan": {"ts": list(start.plan.ts), "steps": [vars(s) for s in start.plan.steps]}}
+    return plan, start.plan, info
