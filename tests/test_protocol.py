@@ -54,6 +54,11 @@ def build(config) -> dp.Solver:
     return dp.get_solver(name, **options)
 
 
+def steps_for(solver: dp.Solver, steps: int) -> int | None:
+    """``steps`` for a fixed-grid solver; None for the adaptive one, which refuses steps (it picks its own)."""
+    return None if solver.adaptive else steps
+
+
 def fixed_grid(config) -> bool:
     return not build(config).adaptive
 
@@ -226,12 +231,12 @@ def test_manual_ask_tell_loop_reproduces_sample(config):
     _, schedule, den, x = problem()
     steps = 7
     x_copy, version = x.clone(), x._version
-    sol = dp.sample(den, x, build(config), steps=steps, generator=torch.Generator().manual_seed(3),
-                    progress=False)
+    sol = dp.sample(den, x, build(config), steps=steps_for(build(config), steps),
+                    generator=torch.Generator().manual_seed(3), progress=False)
     assert x._version == version and torch.equal(x, x_copy)  # sample never writes into the caller's x
 
     solver = build(config)
-    ts = dp.make_grid(schedule, steps)
+    ts = solver.grid(schedule, steps)  # the times sample() uses (singlestep: the reference's blocks)
     if solver.adaptive:
         ts = ts[[0, -1]]
     state = solver.init(schedule, ts, x, torch.Generator().manual_seed(3))
@@ -251,9 +256,9 @@ def test_a_solver_object_is_reusable(config):
     """Settings objects hold no memory: the same object gives the same answer twice, also interleaved."""
     _, _, den, x = problem()
     solver = build(config)
-    a = dp.sample(den, x, solver, steps=5, seed=11, progress=False).x
-    dp.sample(den, x[:1] * 0.5, solver, steps=3, seed=2, progress=False)
-    b = dp.sample(den, x, solver, steps=5, seed=11, progress=False).x
+    a = dp.sample(den, x, solver, steps=steps_for(solver, 5), seed=11, progress=False).x
+    dp.sample(den, x[:1] * 0.5, solver, steps=steps_for(solver, 3), seed=2, progress=False)
+    b = dp.sample(den, x, solver, steps=steps_for(solver, 5), seed=11, progress=False).x
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -363,7 +368,8 @@ def test_low_precision_keeps_dtype_and_stays_finite_with_guidance(config, schedu
             den, net = guided_denoiser(schedule, scale, dtype, labels)
             x = torch.randn(3, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
             seen = []
-            sol = dp.sample(den, x, build(config), steps=10, seed=0, progress=False, return_intermediates=True,
+            sol = dp.sample(den, x, build(config), steps=steps_for(build(config), 10), seed=0, progress=False,
+                            return_intermediates=True,
                             callback=lambda info: seen.append((info.x.dtype, info.x0.dtype)))
             # check_finite is on: a NaN/Inf from the guided model would have raised NonFiniteError.
             where = (dtype, scale)

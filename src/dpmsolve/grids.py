@@ -9,14 +9,16 @@ uniform in lambda (the reference DPM-Solver's recommendation for small images), 
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+import math
+import numbers
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .schedules import Schedule
 
 __all__ = ["GRIDS", "make_grid", "check_grid", "time_uniform", "log_snr_uniform", "time_quadratic",
-           "time_power", "karras", "exponential", "flow_shift"]
+           "time_power", "karras", "exponential", "flow_shift", "log_snr_blocks"]
 
 
 def time_uniform(schedule: Schedule, steps: int, t_start: float, t_end: float) -> np.ndarray:
@@ -75,6 +77,15 @@ def flow_shift(schedule: Schedule, steps: int, t_start: float, t_end: float, shi
     return t_end + (t_start - t_end) * u
 
 
+def log_snr_blocks(schedule: Schedule, orders: Sequence[int], t_start: float, t_end: float) -> np.ndarray:
+    """Singlestep block times as the reference DPM-Solver places them on its ``'logSNR'`` grid
+    (``get_orders_and_timesteps_for_singlestep_solver``): ``len(orders) + 1`` block ends uniform in lambda, and
+    block k divided uniformly in lambda into ``orders[k]`` steps; ``sum(orders) + 1`` times."""
+    ends = np.linspace(schedule.log_snr(t_start), schedule.log_snr(t_end), len(orders) + 1)
+    lams = [np.linspace(ends[k], ends[k + 1], q + 1)[:-1] for k, q in enumerate(orders)] + [ends[-1:]]
+    return _with_exact_ends(schedule.t_from_log_snr(np.concatenate(lams)), t_start, t_end)
+
+
 def _with_exact_ends(ts: np.ndarray, t_start: float, t_end: float) -> np.ndarray:
     ts = np.array(ts, dtype=np.float64)
     ts[0], ts[-1] = t_start, t_end
@@ -111,13 +122,35 @@ def make_grid(schedule: Schedule, steps: int, kind: str = "logSNR", t_start: flo
     if unknown:
         raise ValueError(f"Grid {kind!r} has no option(s) {', '.join(unknown)}; its options are: "
                          f"{', '.join(allowed) or 'none'}.")
+    for name, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"Grid option {name} of the {kind!r} grid must be a number, got {value!r} "
+                            f"({type(value).__name__}).")
+        if not math.isfinite(value):
+            raise ValueError(f"Grid option {name}={value} of the {kind!r} grid must be a finite number.")
+    for name, value in (("t_start", t_start), ("t_end", t_end)):
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name}={value} is not a time: use a finite time in the schedule's range [t_min, "
+                             f"t_max] = [{schedule.t_min:.6g}, {schedule.t_max:.6g}] (or None for its end).")
     t_start = schedule.t_max if t_start is None else float(t_start)
     if t_end == 0:
         return _grid_to_zero(schedule, int(steps), kind, t_start, options)
     t_end = schedule.t_min if t_end is None else float(t_end)
     check_grid(schedule, [t_start, t_end], name="[t_start, t_end]")
-    ts = _with_exact_ends(GRIDS[kind](schedule, int(steps), t_start, t_end, **options), t_start, t_end)
+    ts = _with_exact_ends(_spaced(schedule, int(steps), kind, t_start, t_end, options), t_start, t_end)
     return check_grid(schedule, ts, name=f"the {kind!r} grid")
+
+
+def _spaced(schedule: Schedule, steps: int, kind: str, t_start: float, t_end: float, options) -> np.ndarray:
+    """The grid function's times; a NaN or Inf among them (an overflow, e.g. karras with a tiny rho) is refused
+    naming the options that produced it."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        ts = np.asarray(GRIDS[kind](schedule, steps, t_start, t_end, **options), dtype=np.float64)
+    if not np.all(np.isfinite(ts)):
+        given = ", ".join(f"{k}={v}" for k, v in options.items()) or "its default options"
+        raise ValueError(f"The {kind!r} grid with {given} has NaN or Inf times (an overflow); choose a moderate "
+                         f"value of {', '.join(options) or 'its options'}, or another grid.")
+    return ts
 
 
 # Grids spaced in the schedule's own t can reach t = 0 (sigma = 0) directly.
@@ -131,7 +164,7 @@ def _grid_to_zero(schedule: Schedule, steps: int, kind: str, t_start: float, opt
     way); lambda-spaced grids cannot reach lambda = inf, so they span ``steps - 1`` intervals down to t_min and
     then append 0 (k-diffusion's ``append_zero``, diffusers' ``final_sigmas_type="zero"``)."""
     if kind in _TIME_SPACED:
-        ts = _with_exact_ends(GRIDS[kind](schedule, steps, t_start, 0.0, **options), t_start, 0.0)
+        ts = _with_exact_ends(_spaced(schedule, steps, kind, t_start, 0.0, options), t_start, 0.0)
         if steps > 1 and ts[-2] < schedule.t_min * (1 - 1e-9):
             raise ValueError(f"A {kind!r} grid of {steps} steps down to t = 0 evaluates below t_min = "
                              f"{schedule.t_min:.6g}; use fewer steps or end at t_min (t_end=None).")
@@ -149,7 +182,10 @@ def check_grid(schedule: Schedule, ts, increasing: bool = False, name: str = "th
 
     A decreasing grid may end at exactly 0 (sigma = 0, see ``make_grid``); its other times must be in range.
     """
-    ts = np.asarray(ts, dtype=np.float64).reshape(-1)
+    ts = np.asarray(ts, dtype=np.float64)
+    if ts.ndim > 1:
+        raise ValueError(f"{name} must be a 1-D sequence of times, got an array of shape {ts.shape}.")
+    ts = ts.reshape(-1)
     if not increasing and ts.size >= 2 and ts[-1] == 0.0 and ts[-2] > 0.0:
         body = ts[:-1] if ts.size > 2 else ts[:1]
         if ts.size > 2:
@@ -160,8 +196,10 @@ def check_grid(schedule: Schedule, ts, increasing: bool = False, name: str = "th
         return np.append(np.clip(body, schedule.t_min, schedule.t_max), 0.0)
     if ts.size < 2:
         raise ValueError(f"{name} needs at least 2 times (start and end), got {ts.size}.")
-    if not np.all(np.isfinite(ts)):
-        raise ValueError(f"{name} contains NaN or Inf.")
+    bad = np.flatnonzero(~np.isfinite(ts))
+    if bad.size:
+        raise ValueError(f"{name} contains NaN or Inf: {', '.join(f'{ts[k]} at index {k}' for k in bad[:5])}; every "
+                         f"time must be finite, in [t_min, t_max] = [{schedule.t_min:.6g}, {schedule.t_max:.6g}].")
     diffs = np.diff(ts)
     if increasing and not np.all(diffs > 0):
         raise ValueError(f"{name} must be strictly increasing for inversion (data -> noise); got {ts}.")

@@ -7,6 +7,8 @@ keeps the caller's dtype).
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
@@ -15,7 +17,8 @@ import torch
 
 from .grids import check_grid, make_grid
 from .model import Denoiser, Prediction
-from .solvers import Solver, get_solver
+from .schedules import DiscreteVP
+from .solvers import DPMSolverMultistep, DPMSolverSinglestep, Solver, get_solver
 from .tuning.plan import Plan
 
 __all__ = ["sample", "invert", "Solution", "StepInfo", "NonFiniteError"]
@@ -27,7 +30,11 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What a callback receives after each completed step."""
+    """What a callback receives after each completed step.
+
+    ``x`` and ``x0`` are copies made for the callback (in the caller's dtype): the solver never reads them, so
+    editing them in place changes neither the sample nor the intermediates kept in the Solution.
+    """
 
     step: int            # 1-based index of the completed step
     t: float             # time the solution has reached
@@ -44,8 +51,8 @@ class Solution:
     nfe: int
     ts: np.ndarray                                  # times the solution passed through (accepted steps)
     solver: Solver
-    trajectory: list[torch.Tensor] | None = None    # x at each time in ts (return_intermediates=True)
-    x0_previews: list[torch.Tensor] | None = None   # x0 prediction of each step's first evaluation
+    trajectory: list[torch.Tensor] | None = None    # x at each time in ts (return_intermediates=True; copies)
+    x0_previews: list[torch.Tensor] | None = None   # x0 prediction of each step's first evaluation (copies)
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,13 +67,19 @@ def _resolve_solver(solver, options: Mapping[str, Any]) -> Solver:
     raise ValueError(f"solver must be a registry name or a Solver object, got {type(solver).__name__}.")
 
 
-def _resolve_grid(denoiser: Denoiser, grid, steps, t_start, t_end, grid_options) -> np.ndarray:
+def _resolve_grid(denoiser: Denoiser, solver: Solver, grid, steps, t_start, t_end, grid_options) -> np.ndarray:
     if not isinstance(denoiser, Denoiser):
         raise ValueError("denoiser must be built by dpmsolve.wrap_model (or be a dpmsolve.Denoiser), got "
                          f"{type(denoiser).__name__}.")
+    if solver.adaptive and steps is not None:
+        if isinstance(grid, str):
+            make_grid(denoiser.schedule, steps, grid)  # a bad steps value is reported as such first
+        raise ValueError(f"steps={steps!r} was given with the adaptive solver (method='adaptive'), which chooses "
+                         "its own steps from rtol/atol and uses only the grid's end points; drop steps, or use a "
+                         "fixed-grid method (method='multistep' or 'singlestep') for a fixed number of steps.")
     if isinstance(grid, str):
-        return make_grid(denoiser.schedule, 20 if steps is None else steps, grid, t_start, t_end,
-                         **(grid_options or {}))
+        return solver.grid(denoiser.schedule, 20 if steps is None else steps, grid, t_start, t_end,
+                           **(grid_options or {}))
     ts = np.asarray(grid, dtype=np.float64)
     if steps is not None and steps != ts.size - 1:
         raise ValueError(f"steps={steps} disagrees with the explicit grid of {ts.size} times ({ts.size - 1} "
@@ -99,6 +112,31 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _generator(seed, device) -> torch.Generator:
+    """A generator seeded with ``seed``: an integer in torch's seed range, never truncated or parsed."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Real):
+        raise TypeError(f"seed must be an integer (e.g. seed=0), got {seed!r} ({type(seed).__name__}).")
+    if not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}.")
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _warn_if_unstable(solver: Solver, grid, schedule, steps: int) -> None:
+    """One UserWarning for a combination known to give wrong samples: order-3 multistep DPM-Solver(++) / UniPC,
+    or noise-prediction singlestep order 3, on a 'karras' grid of <= 10 steps of a DiscreteVP (DDPM) schedule.
+    There the first steps are very long in lambda and the order-3 extrapolation overshoots (zoo ``digits``:
+    several times the error of DPM-Solver++ 2M on the same grid)."""
+    if not (isinstance(grid, str) and grid == "karras" and isinstance(schedule, DiscreteVP) and steps <= 10):
+        return
+    multistep = isinstance(solver, DPMSolverMultistep) and solver._order == 3
+    singlestep = (isinstance(solver, DPMSolverSinglestep) and solver.predict == "noise"
+                  and 3 in solver.block_orders(steps))
+    if multistep or singlestep:
+        warnings.warn(f"{solver!r} on a {steps}-step 'karras' grid of a discrete (DDPM) schedule is unstable: "
+                      "its samples can be far off. Use order=2 (DPM-Solver++ 2M) on this grid, or grid='logSNR'.",
+                      UserWarning, stacklevel=3)
+
+
 def _check_finite(pred: Prediction, step: int, t: float) -> None:
     # min/max propagate NaN and keep +-Inf: one pass per tensor and one read-back (isfinite(x).all() is slower).
     if pred.x0.numel() == 0:
@@ -110,12 +148,18 @@ def _check_finite(pred: Prediction, step: int, t: float) -> None:
 
 
 def _solve(denoiser: Denoiser, x: torch.Tensor, solver: Solver, ts: np.ndarray, *, generator, callback,
-           progress, return_intermediates, check_finite, model_kwargs, denoise_to_zero) -> Solution:
+           progress, return_intermediates, check_finite, model_kwargs, denoise_to_zero, x_name="x") -> Solution:
     if not isinstance(denoiser, Denoiser):
         raise ValueError("denoiser must be built by dpmsolve.wrap_model (or be a dpmsolve.Denoiser).")
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError("x must be a tensor with a batch dimension.")
+        raise ValueError(f"{x_name} must be a tensor with a batch dimension.")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (it is called with a StepInfo after each step), got "
+                        f"{callback!r} ({type(callback).__name__}).")
     in_dtype, work = x.dtype, _work_dtype(x.dtype)
+    if check_finite and x.numel() and not torch.isfinite(torch.stack(x.aminmax())).all():
+        raise ValueError(f"The input {x_name} contains NaN or Inf (before any model call): check how it was made; "
+                         "pass check_finite=False to sample anyway.")
     model_kwargs = dict(model_kwargs or {})
     nfe = 0
 
@@ -132,32 +176,36 @@ def _solve(denoiser: Denoiser, x: torch.Tensor, solver: Solver, ts: np.ndarray, 
         return pred
 
     state = solver.init(denoiser.schedule, ts, x.to(work), generator)
-    times, trajectory, previews = [float(ts[0])], [x] if return_intermediates else None, []
+    times, trajectory, previews = [float(ts[0])], [x.clone()] if return_intermediates else None, []
     total = solver.expected_nfe(len(ts) - 1)
     total = None if total is None else total + int(denoise_to_zero)
     bar = _progress_bar(progress, total, solver)
+    watched = return_intermediates or callback is not None
     step_x0 = None
     try:
         with torch.no_grad():
             while not solver.done(state):
                 x_eval, t = solver.ask(state)
                 pred = evaluate(x_eval, t, len(times))
-                step_x0 = pred.x0 if step_x0 is None else step_x0
+                if watched and step_x0 is None:  # a copy: the network may overwrite pred at its next call
+                    step_x0 = pred.x0.to(in_dtype, copy=True)
                 before, state = state, solver.tell(state, pred)
                 if bar is not None:
                     bar.update(1)
                 if solver.step_completed(before, state):
                     x_now, t_now = solver.current(state)
                     times.append(t_now)
+                    # Hand out copies: the solver goes on from x_now, and a callback may edit what it gets.
                     if return_intermediates:
-                        trajectory.append(x_now.to(in_dtype))
-                        previews.append(step_x0.to(in_dtype))
+                        trajectory.append(x_now.to(in_dtype, copy=True))
+                        previews.append(step_x0)
                     if callback is not None:
-                        callback(StepInfo(len(times) - 1, t_now, x_now.to(in_dtype), step_x0.to(in_dtype), nfe))
+                        callback(StepInfo(len(times) - 1, t_now, x_now.to(in_dtype, copy=True),
+                                          step_x0.clone() if return_intermediates else step_x0, nfe))
                     step_x0 = None
             x_out, t_out = solver.current(state)
-            if denoise_to_zero:
-                x_out = evaluate(x_out, t_out, len(times)).x0
+            if denoise_to_zero:  # a copy: the prediction may be the network's reused output buffer
+                x_out = evaluate(x_out, t_out, len(times)).x0.clone()
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -199,23 +247,30 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver | Plan | No
     Args:
         denoiser: from :func:`dpmsolve.wrap_model`, possibly inside guidance / thresholding wrappers.
         x: the starting noise, shape ``(batch, ...)``; fp16/bf16 stay fp16/bf16 (the solver works in float32).
+            NaN/Inf in it are refused before any model call (unless ``check_finite=False``); an empty batch
+            returns an empty sample.
         solver: None (the default plan, above), a registry name (``"ddim"``, ``"dpmsolver"``, ``"dpmsolver++"``,
             ``"sde-dpmsolver++"``) with its
             options as keyword arguments (``order=3``, ``method="singlestep"``, ``solver_type="taylor"``, ...), or
             a Solver object, or a :class:`~dpmsolve.Plan` (from :func:`dpmsolve.tune` or ``Plan.load``), which holds
             its own times and step settings (then give no grid, steps or solver options).
         steps: grid intervals (default 20). For every fixed-grid solver NFE = steps (+1 with denoise_to_zero).
+            Not with the adaptive solver, which chooses its own steps.
         grid: a grid name (``"logSNR"``, ``"time_uniform"``, ``"time_quadratic"``, ``"time_power"``, ``"karras"``,
             ``"exponential"``, ``"flow_shift"``) or an explicit strictly decreasing array of times inside the schedule's
             range. A grid may end at t = 0 (``t_end=0`` for a named grid): the last step then goes to sigma = 0 by the x0
             prediction at the previous time, as diffusers' and k-diffusion's grids do; NFE stays ``steps``.
+            Singlestep solvers place their blocks on ``"logSNR"`` / ``"exponential"`` as the reference DPM-Solver
+            (equal lambda blocks; ``DPMSolverSinglestep(spacing=...)``).
         grid_options: options of a named grid, e.g. ``{"rho": 7}`` for karras, ``{"power": 1.5}`` for time_power,
             ``{"shift": 3}`` for flow_shift.
         denoise_to_zero: one more evaluation at the end, returning its x0 prediction.
-        generator / seed: randomness of stochastic solvers (a seed creates a CPU generator on x's device).
-        callback: called with a :class:`StepInfo` after every completed step.
+        generator / seed: randomness of stochastic solvers (one of them; an integer seed creates a generator on
+            x's device).
+        callback: called with a :class:`StepInfo` after every completed step (its tensors are copies).
         progress: tqdm progress bar; None shows it only on a terminal.
-        return_intermediates: keep x and the x0 preview at every step in the Solution.
+        return_intermediates: keep x and the x0 preview at every step in the Solution (copies, which the
+            solver never reads).
         check_finite: stop with :class:`NonFiniteError` (naming the step and t) when the model returns NaN/Inf.
         model_kwargs: keyword arguments for every model call (class labels, text embeddings).
     """
@@ -237,7 +292,9 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver | Plan | No
                                                     denoise_to_zero=denoise_to_zero)
     else:
         solver = _resolve_solver("dpmsolver++" if solver is None else solver, solver_options)
-        ts = _resolve_grid(denoiser, "logSNR" if grid is None else grid, steps, t_start, t_end, grid_options)
+        grid = "logSNR" if grid is None else grid
+        ts = _resolve_grid(denoiser, solver, grid, steps, t_start, t_end, grid_options)
+        _warn_if_unstable(solver, grid, denoiser.schedule, len(ts) - 1)
     ts = check_grid(denoiser.schedule, ts)
     # A grid ending at t = 0: the last step is the jump to sigma = 0 (the x0 prediction at ts[-2]). Fixed-grid
     # solvers plan it themselves; the adaptive solver stops at ts[-2] and the jump is the final evaluation.
@@ -249,8 +306,10 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver | Plan | No
         ts = ts[:-1]
     if solver.adaptive:
         ts = ts[[0, -1]]
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=x.device).manual_seed(int(seed))
+    if seed is not None:
+        if generator is not None:
+            raise ValueError(f"Both seed={seed!r} and a generator were given; pass one of them.")
+        generator = _generator(seed, x.device)
     if solver.stochastic and generator is None:
         generator = torch.Generator(device=x.device).manual_seed(int(torch.randint(2**62, ()).item()))
     solution = _solve(denoiser, x, solver, ts, generator=generator, callback=callback, progress=progress,
@@ -274,10 +333,10 @@ def invert(denoiser: Denoiser, x0: torch.Tensor, solver: str | Solver = "dpmsolv
     solver = _resolve_solver(solver, solver_options)
     if solver.stochastic:
         raise ValueError("invert() needs a deterministic solver (eta = 0); SDE solvers cannot be inverted.")
-    ts = _resolve_grid(denoiser, grid, steps, t_start, t_end, grid_options)
+    ts = _resolve_grid(denoiser, solver, grid, steps, t_start, t_end, grid_options)
     ts = check_grid(denoiser.schedule, ts[::-1].copy(), increasing=True, name="the inversion grid")
     if solver.adaptive:
         ts = ts[[0, -1]]
     return _solve(denoiser, x0, solver, ts, generator=None, callback=callback, progress=progress,
                   return_intermediates=return_intermediates, check_finite=check_finite, model_kwargs=model_kwargs,
-                  denoise_to_zero=False)
+                  denoise_to_zero=False, x_name="x0")

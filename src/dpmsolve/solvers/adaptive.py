@@ -1,10 +1,13 @@
 """Adaptive step size DPM-Solver-12 and DPM-Solver-23 (Lu et al. 2022, Sec. 4.2 and Alg. 4-5).
 
 Each trial step from s with size h in lambda computes a lower-order and a higher-order singlestep solution that
-share their model evaluations (2 evaluations for -12, 3 for -23), accepts the higher one when the scaled
-difference ``E = max_batch RMS((x_hi - x_lo) / max(atol, rtol * max(|x_lo|, |x_prev|)))`` is at most 1, and
-sets ``h <- min(theta h E^{-1/order}, lambda_end - lambda_s)``. Unlike the reference, the evaluation at s is
-kept after a rejected trial, so a rejection costs ``order - 1`` evaluations instead of ``order``.
+share their model evaluations: DPM-Solver-1 and -2 (r1 = 1/2) for -12, DPM-Solver-2 (r1 = 1/3) and -3 (r1 = 1/3,
+r2 = 2/3) for -23, both with ``solver_type``'s weighting. As the reference (``dpm_solver_adaptive`` of
+LuChengTHU/dpm-solver), the trial is accepted when ``E = max_batch RMS((x_hi - x_lo) / delta)`` is at most 1, with
+``delta = max(atol, rtol * max(|x_lo|, |x_prev|))`` and x_prev the lower-order solution of the last accepted step
+(the start x before the first); the solution moves to x_hi, and after every trial
+``h <- min(theta h E^{-1/order}, lambda_end - lambda_s)``. Unlike the reference, the evaluation at s is kept after
+a rejected trial, so a rejection costs ``order - 1`` evaluations instead of ``order`` (same steps and sample).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ _STAGE_RHOS = {2: (0.0, 0.5), 3: (0.0, 1.0 / 3.0, 2.0 / 3.0)}
 @dataclass(frozen=True)
 class AdaptiveState:
     x: torch.Tensor
+    x_prev: torch.Tensor        # the lower-order solution of the last accepted step (x at the start): error scale
     schedule: Schedule
     node: Node                  # where x is
     end: Node
@@ -78,7 +82,7 @@ class AdaptiveDPMSolver(Solver):
         ts = np.asarray(ts, dtype=np.float64)
         start, end = Node.at(schedule, ts[0]), Node.at(schedule, ts[-1])
         h = float(np.sign(end.lam - start.lam)) * min(self.h_init, abs(end.lam - start.lam))
-        return AdaptiveState(x=x, schedule=schedule, node=start, end=end, h=h, x_eval=x)
+        return AdaptiveState(x=x, x_prev=x, schedule=schedule, node=start, end=end, h=h, x_eval=x)
 
     def _node(self, state: AdaptiveState, rho: float) -> Node:
         if rho == 1.0 and abs(state.node.lam + state.h - state.end.lam) <= 1e-12 * max(1.0, abs(state.end.lam)):
@@ -96,16 +100,20 @@ class AdaptiveDPMSolver(Solver):
 
     def tell(self, state: AdaptiveState, pred: Prediction) -> AdaptiveState:
         rhos = _STAGE_RHOS[self._order]
-        state = replace(state, evals=state.evals + (self.form.pick(pred),))
-        n = len(state.evals)
-        if n < len(rhos):  # next intermediate point: Taylor step of order n from the anchor
-            x_next = self._update(state, rhos[:n], self._node(state, rhos[n]), Rule.TAYLOR)
-            return replace(state, x_eval=x_next)
+        m = self.form.pick(pred)
+        n = len(state.evals) + 1
+        if n < len(rhos):  # kept for the rest of the trial: own a copy (the network may reuse its output buffer)
+            state = replace(state, evals=state.evals + (m.clone(),))
+            # next intermediate point: Taylor step of order n from the anchor
+            return replace(state, x_eval=self._update(state, rhos[:n], self._node(state, rhos[n]), Rule.TAYLOR))
+        state = replace(state, evals=state.evals + (m,))
         target = self._node(state, 1.0)
-        x_lo = self._update(state, rhos[:-1], target, Rule.TAYLOR if n > 2 else self.rule)
+        x_lo = self._update(state, rhos[:-1], target, self.rule)
         x_hi = self._update(state, rhos, target, self.rule)
-        delta = torch.maximum(torch.full_like(x_lo, self.atol), self.rtol * torch.maximum(x_lo.abs(), state.x.abs()))
-        err = ((x_hi - x_lo) / delta).pow(2).reshape(x_lo.shape[0], -1).mean(1).sqrt().max().item()
+        err = 0.0  # an empty batch: nothing to control
+        if x_lo.numel():
+            scale = torch.maximum(x_lo.abs(), state.x_prev.abs()).mul_(self.rtol).clamp_(min=self.atol)
+            err = ((x_hi - x_lo) / scale).pow(2).reshape(x_lo.shape[0], -1).mean(1).sqrt().max().item()
         trials = state.accepted + state.rejected + 1
         if trials > self.max_trials or not np.isfinite(err):
             raise RuntimeError(f"Adaptive DPM-Solver failed at t={state.node.t:.6g} after {trials} trials "
@@ -114,7 +122,7 @@ class AdaptiveDPMSolver(Solver):
         h_new = self.theta * abs(state.h) * max(err, 1e-10) ** (-1.0 / self._order)
         h_new = float(np.sign(remaining)) * min(h_new, abs(remaining)) if remaining != 0 else 0.0
         if err <= 1.0:
-            return replace(state, x=x_hi, node=target, h=h_new, evals=(), x_eval=x_hi,
+            return replace(state, x=x_hi, x_prev=x_lo, node=target, h=h_new, evals=(), x_eval=x_hi,
                            accepted=state.accepted + 1)
         # Rejected: keep the evaluation at the anchor, retry with a smaller step.
         return replace(state, h=h_new, evals=state.evals[:1], x_eval=self._update(

@@ -26,6 +26,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from ..grids import make_grid
 from ..model import Prediction
 from ..schedules import Schedule
 from ._exponential import Form, Node, Rule, combine, step_coefficients
@@ -70,6 +71,12 @@ class Solver(ABC):
     def current(self, state) -> tuple[torch.Tensor, float]:
         """(x, t): the latest estimate of the solution and its time."""
         return state.x, state.t
+
+    def grid(self, schedule: Schedule, steps: int, kind: str = "logSNR", t_start: float | None = None,
+             t_end: float | None = None, **options) -> np.ndarray:
+        """The times of the named grid ``kind`` for this solver: :func:`~dpmsolve.make_grid`, unless the solver
+        places its steps on that grid in its own way (singlestep blocks)."""
+        return make_grid(schedule, steps, kind, t_start, t_end, **options)
 
 
 class Correction(NamedTuple):
@@ -179,6 +186,10 @@ class FixedGridSolver(Solver):
         """Per grid index data for ``_integrand`` (None: the integrand is the prediction itself)."""
         return None
 
+    # Whether ``_integrand`` returns a tensor of its own (computed from the prediction) rather than one of the
+    # prediction's tensors, which the network may overwrite at its next call (see ``tell``).
+    _fresh_integrand: ClassVar[bool] = False
+
     def _integrand(self, stage: Stage, x_eval: torch.Tensor, pred: Prediction) -> torch.Tensor:
         """What the updates combine, from the evaluation ``pred`` at ``x_eval``: x0 or eps by default."""
         return self._form().pick(pred)
@@ -243,7 +254,12 @@ class FixedGridSolver(Solver):
         i = state.i
         stages = state.stages
         stage = stages[i]
-        history = ((i, self._integrand(stage, state.x_eval, pred)),) + state.history
+        m = self._integrand(stage, state.x_eval, pred)
+        if i >= stage.keep_from and not self._fresh_integrand:
+            # Kept for later steps: own a copy. Compiled / CUDA-graph networks return the same output buffer at
+            # every call, which would otherwise turn the history into one tensor many times.
+            m = m.clone()
+        history = ((i, m),) + state.history
         by_index = dict(history)
         # An update starts from the last completed solution, or (the jump to sigma = 0 after a singlestep block's
         # intermediate point) from the point just evaluated.

@@ -7,7 +7,9 @@ predictions each step uses; every grid time but the last is evaluated exactly on
 from __future__ import annotations
 
 import math
+import numbers
 
+from ..grids import log_snr_blocks
 from ._exponential import Form, Node, Rule
 from .base import FixedGridSolver, pec_correctors, warmup_orders
 
@@ -19,9 +21,14 @@ CORRECTORS = {"unic": Rule.BH2, "unic-bh1": Rule.BH1, "unic-bh2": Rule.BH2}
 
 
 def _check_order(name: str, order, allowed) -> int:
-    if not isinstance(order, int) or isinstance(order, bool) or order not in allowed:
-        raise ValueError(f"{name} supports order {', '.join(map(str, allowed))}; got {order!r}.")
-    return order
+    """``order`` as an int if it is one of ``allowed``: TypeError for a non-number (or a bool), ValueError for any
+    other value, including non-integers such as 2.5 or 2.0 (never truncated)."""
+    valid = ", ".join(map(str, allowed))
+    if isinstance(order, bool) or not isinstance(order, numbers.Real):
+        raise TypeError(f"{name} supports order {valid}; got {order!r} ({type(order).__name__}), pass an int.")
+    if not isinstance(order, numbers.Integral) or order not in allowed:
+        raise ValueError(f"{name} supports order {valid}; got {order!r}.")
+    return int(order)
 
 
 def _rule(solver_type: str) -> Rule:
@@ -211,17 +218,31 @@ class DPMSolverSinglestep(FixedGridSolver):
 
     ``split='fast'`` is the reference's DPM-Solver-fast order split, which ends with lower-order blocks (order 3
     then converges with order 2); ``split='fixed'`` uses ``order`` for every block (remainder last), or pass
-    ``orders`` explicitly (they must sum to ``steps``).
+    ``orders`` explicitly (integers 1-3 that sum to ``steps``).
+
+    ``spacing`` places the blocks on a named grid that is uniform in lambda (``'logSNR'``, ``'exponential'``):
+    ``'blocks'`` (default) is the reference's: K + 1 block ends uniform in lambda (K blocks), each block divided
+    uniformly in lambda into its order's steps (LuChengTHU/dpm-solver,
+    ``get_orders_and_timesteps_for_singlestep_solver``), so a lower-order block spans as much lambda as an
+    order-3 one; ``'grid'`` takes the grid's own equal steps. On other named grids the reference takes the grid's
+    own times, as both settings do here; explicit arrays of times, and grids ending at t = 0, are used as given.
     """
 
     def __init__(self, order: int = 3, predict: str = "data", solver_type: str = "dpmsolver",
-                 split: str = "fast", orders: tuple[int, ...] | None = None):
+                 split: str = "fast", orders: tuple[int, ...] | None = None, spacing: str = "blocks"):
         configure(self, order, (1, 2, 3), predict, solver_type)
         if split not in ("fast", "fixed"):
             raise ValueError(f"split must be 'fast' or 'fixed', got {split!r}.")
-        self.split = split
+        if spacing not in ("blocks", "grid"):
+            raise ValueError(f"spacing must be 'blocks' (the reference's equal lambda blocks) or 'grid', got "
+                             f"{spacing!r}.")
+        self.split, self.spacing = split, spacing
         if orders is not None:
-            orders = tuple(int(_check_order("orders", int(o), (1, 2, 3))) for o in orders)
+            if isinstance(orders, (str, bytes)) or not hasattr(orders, "__iter__"):
+                raise TypeError(f"orders must be a sequence of block orders (ints 1-3), got {orders!r}.")
+            orders = tuple(_check_order(f"orders[{k}]", o, (1, 2, 3)) for k, o in enumerate(orders))
+            if not orders:
+                raise ValueError("orders must hold at least one block order (ints 1-3 summing to steps), got ().")
         self.orders = orders
 
     @property
@@ -237,6 +258,12 @@ class DPMSolverSinglestep(FixedGridSolver):
             return list(self.orders)
         return (fast_orders if self.split == "fast" else fixed_orders)(self._order, steps)
 
+    def grid(self, schedule, steps, kind="logSNR", t_start=None, t_end=None, **options):
+        ts = super().grid(schedule, steps, kind, t_start, t_end, **options)
+        if self.spacing == "blocks" and kind in ("logSNR", "exponential") and ts[-1] != 0.0:
+            return log_snr_blocks(schedule, self.block_orders(len(ts) - 1), ts[0], ts[-1])
+        return ts
+
     def _stages(self, steps):
         stages, start = [], 0
         for k in self.block_orders(steps):
@@ -247,8 +274,8 @@ class DPMSolverSinglestep(FixedGridSolver):
         return stages
 
     def __repr__(self):
-        return (f"DPMSolverSinglestep(order={self._order}, predict={self.predict!r}, "
-                f"solver_type={self.solver_type!r}, split={self.split!r}, orders={self.orders})")
+        return (f"DPMSolverSinglestep(order={self._order}, predict={self.predict!r}, solver_type={self.solver_type!r}, "
+                f"split={self.split!r}, orders={self.orders}, spacing={self.spacing!r})")
 
 
 class SDEDPMSolverPP(FixedGridSolver):

@@ -18,6 +18,7 @@ the stored value still equals ``N / alpha`` of the uncorrected point, which is t
 from __future__ import annotations
 
 import math
+import numbers
 from os import PathLike
 
 import numpy as np
@@ -55,8 +56,9 @@ class DPMSolverV3(FixedGridSolver):
             is at least 2.
         half: None (correct at every step), ``"noisy"`` (only at times t > ``half_split``: what the reference
             code does) or ``"clean"`` (only at t <= ``half_split``: what the paper and the reference README say).
-        half_split: the time splitting the halves; default the midpoint in t of the sampling grid (0.5 on a VP
-            schedule on [0, 1], as the reference).
+        half_split: the time splitting the halves; default 0.5, the reference's (thu-ml/DPM-Solver-v3, its
+            ``timesteps[step - 1] > 0.5``), on schedules whose time runs within [0, 1] (VP, flow). Other schedules
+            (EDM: t = sigma) need it given when ``half`` is set.
         lower_order_final: drop to order ``steps - i`` for the last steps (explicit, no hidden threshold).
 
     Order (global): 1 for order 1 (2 with ``corrector_pseudo``); 2 otherwise (the first step is order 1, and
@@ -64,6 +66,7 @@ class DPMSolverV3(FixedGridSolver):
     """
 
     integrates = "g"
+    _fresh_integrand = True     # f_i is computed from x0 (see ``_integrand``), never the network's own buffer
 
     def __init__(self, ems: EMS | str | None = None, order: int = 2, predictor_pseudo: bool = False,
                  corrector: bool = True, corrector_pseudo: bool = False, half: str | None = None,
@@ -83,6 +86,9 @@ class DPMSolverV3(FixedGridSolver):
             raise ValueError(f"half must be None, 'noisy' (t > half_split, the reference code) or 'clean' "
                              f"(t <= half_split, the paper); got {half!r}.")
         self.predictor_pseudo, self.corrector, self.corrector_pseudo = predictor_pseudo, corrector, corrector_pseudo
+        if half_split is not None and (isinstance(half_split, bool) or not isinstance(half_split, numbers.Real)
+                                       or not math.isfinite(half_split)):
+            raise ValueError(f"half_split must be None (0.5) or a finite time, got {half_split!r}.")
         self.half, self.half_split = half, None if half_split is None else float(half_split)
         self.lower_order_final = lower_order_final
 
@@ -152,6 +158,11 @@ class DPMSolverV3(FixedGridSolver):
                 self.half_split, self.lower_order_final)
 
     def _check_nodes(self, schedule, nodes):
+        if self.corrector and self.half is not None and self.half_split is None and not (
+                0.0 <= schedule.t_min and schedule.t_max <= 1.0):
+            raise ValueError(f"half={self.half!r} splits the steps at t = half_split, whose default 0.5 (the "
+                             f"reference's) is for times in [0, 1]; this schedule's run over [{schedule.t_min:.6g}, "
+                             f"{schedule.t_max:.6g}]: pass half_split (a time in that range).")
         self.statistics.check(schedule)
         self.statistics.check_range([n.lam for n in nodes if math.isfinite(n.lam)])
 
@@ -209,9 +220,7 @@ class DPMSolverV3(FixedGridSolver):
         if not self.corrector:
             return [None] * len(stages)
         out = [None] * min(1, len(stages))
-        split = self.half_split
-        if split is None:
-            split = 0.5 * (nodes[0].t + nodes[-1].t)
+        split = 0.5 if self.half_split is None else self.half_split
         rule = Rule.PSEUDO if self.corrector_pseudo else Rule.TAYLOR
         for i in range(1, len(stages)):
             c = len(stages[i - 1][1]) + int(self.corrector_pseudo)
