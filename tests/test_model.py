@@ -81,9 +81,9 @@ def test_unknown_prediction_and_time_input_raise():
         dp.wrap_model(lambda x, t: x, dp.EDM(), prediction="epsilonn")
     with pytest.raises(ValueError, match="time_input"):
         dp.wrap_model(lambda x, t: x, dp.EDM(), time_input="seconds")
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="time_input .* got int 3"):
         dp.wrap_model(lambda x, t: x, dp.EDM(), time_input=3)
-    with pytest.raises(ValueError, match="Schedule"):
+    with pytest.raises(TypeError, match="schedule must be a dpmsolve Schedule .* got str"):
         dp.wrap_model(lambda x, t: x, "edm")
 
 
@@ -295,7 +295,7 @@ def test_cfg_non_tensor_kwargs_are_shared_and_mismatched_keys_raise():
     torch.testing.assert_close(out.eps, torch.full((3, 2), 2.0))
     with pytest.raises(ValueError, match="same model keyword"):
         dp.ClassifierFreeGuidance(model, 2.0, cond={"y": torch.ones(3)}, uncond={"label": torch.zeros(3)})
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="wraps a dpmsolve denoiser .* got function"):
         dp.ClassifierFreeGuidance(lambda x, t: x, 2.0, cond={}, uncond={})
 
 

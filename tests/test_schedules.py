@@ -309,3 +309,46 @@ def test_discrete_from_a_float32_torch_table_as_diffusers_builds_it():
     schedule = dp.DiscreteVP.from_betas(zsnr)
     assert np.all(np.isfinite(schedule.log_snr(_dense(schedule))))
     assert schedule.alphas_cumprod[-1] > 0
+
+
+@pytest.mark.parametrize("build,error,words", [
+    (lambda: dp.LinearVP(beta_0=-0.5), ValueError, r"0 < beta_0 < beta_1 .*got beta_0=-0.5, beta_1=20.0"),
+    (lambda: dp.LinearVP(beta_0=25.0, beta_1=20.0), ValueError, r"got beta_0=25.0, beta_1=20.0"),
+    (lambda: dp.LinearVP(beta_1=float("inf")), ValueError, r"LinearVP beta_1 must be finite, got inf"),
+    (lambda: dp.LinearVP(t_max=float("nan")), ValueError, r"LinearVP t_max must be finite, got nan"),
+    (lambda: dp.LinearVP(t_min=0.5, t_max=0.5), ValueError, r"0 < t_min < t_max .*got t_min=0.5, t_max=0.5"),
+    (lambda: dp.LinearVP(beta_0="0.1"), TypeError, r"LinearVP beta_0 must be a real number, got str '0.1'"),
+    (lambda: dp.CosineVP(s=0.0), ValueError, r"CosineVP needs an offset 0 < s <= 1 .*got s=0.0"),
+    (lambda: dp.CosineVP(s=-0.5), ValueError, r"got s=-0.5"),
+    (lambda: dp.CosineVP(s=50.0), ValueError, r"got s=50.0"),
+    (lambda: dp.CosineVP(s=float("nan")), ValueError, r"CosineVP s must be finite, got nan"),
+    (lambda: dp.CosineVP(t_max=1.2), ValueError, r"0 < t_min < t_max < 1 .*got t_min=0.001, t_max=1.2"),
+    (lambda: dp.CosineVP(t_min=0.6, t_max=0.5), ValueError, r"got t_min=0.6, t_max=0.5"),
+    (lambda: dp.EDM(sigma_min=-1.0), ValueError, r"0 < sigma_min < sigma_max .*got sigma_min=-1.0, sigma_max=80.0"),
+    (lambda: dp.EDM(sigma_min=10.0, sigma_max=5.0), ValueError, r"got sigma_min=10.0, sigma_max=5.0"),
+    (lambda: dp.EDM(sigma_max=float("inf")), ValueError, r"EDM sigma_max must be finite, got inf"),
+    (lambda: dp.EDM(sigma_min=None), TypeError, r"EDM sigma_min must be a real number, got NoneType"),
+    (lambda: dp.RectifiedFlow(t_max=1.0), ValueError, r"RectifiedFlow needs 0 < t_min < t_max < 1 .*t_max=1.0"),
+    (lambda: dp.RectifiedFlow(t_min=0.7, t_max=0.3), ValueError, r"got t_min=0.7, t_max=0.3"),
+    (lambda: dp.DiscreteVP.from_betas([]), ValueError, r"at least 2 train steps; got 0 betas"),
+    (lambda: dp.DiscreteVP.linear(n=1), ValueError, r"DiscreteVP.linear needs n >= 2 train steps .*got n=1"),
+    (lambda: dp.DiscreteVP.linear(n=10.5), ValueError, r"got n=10.5"),
+    (lambda: dp.DiscreteVP.from_betas([0.02, float("inf")]), ValueError, r"betas must be finite .*got inf at index 1"),
+    (lambda: dp.DiscreteVP.from_alphas_cumprod([0.9, 0.5, float("nan")]), ValueError,
+     r"alphas_cumprod must be finite .*got nan at index 2"),
+    (lambda: dp.DiscreteVP.from_alphas_cumprod([[0.9, 0.5], [0.3, 0.1]]), ValueError,
+     r"alphas_cumprod must be a 1-D array .*got shape \(2, 2\)"),
+    (lambda: dp.DiscreteVP.linear(beta_end=1.5), ValueError, r"betas in \(0, 1\]; got beta_end=1.5"),
+    (lambda: dp.DiscreteVP.scaled_linear(beta_start=-0.1), ValueError, r"got beta_start=-0.1"),
+], ids=lambda v: None)
+def test_out_of_range_parameters_are_named_with_their_value(build, error, words):
+    with pytest.raises(error, match=words):
+        build()
+
+
+def test_parameters_at_the_edge_of_the_range_still_build():
+    assert dp.CosineVP(s=1.0).log_snr(0.5) > dp.CosineVP(s=1.0).log_snr(0.9)
+    assert np.isfinite(dp.CosineVP(t_max=0.9999).log_snr_range).all()
+    assert dp.DiscreteVP.linear(n=2).num_train_steps == 2
+    assert dp.DiscreteVP.from_betas([0.5, 1.0]).alphas_cumprod[-1] > 0          # zero terminal SNR, clamped
+    assert dp.LinearVP(t_max=5.0).t_max == 5.0 and np.isfinite(dp.LinearVP(t_max=5.0).log_snr(5.0))

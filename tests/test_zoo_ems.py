@@ -59,3 +59,19 @@ def test_statistics_of_other_weights_or_settings_are_refused(tmp_path, monkeypat
     monkeypatch.setattr(zoo_ems, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(EMSError, match="recompute them"):
         zoo.statistics("digits", 3.0)
+
+
+@pytest.mark.parametrize("name", sorted(zoo_ems.SHIPPED))
+def test_shipped_statistics_are_sound_and_keep_to_their_channels(name):
+    """The soundness diagnostic that compute() runs passes on every shipped file; statistics shared over pixel
+    positions serve other resolutions, but never another channel count (digits are 1-channel, patches RGB)."""
+    model = zoo.load(name)
+    stats = zoo.statistics(name, zoo_ems.SHIPPED[name].guidance)
+    assert stats.diagnose() is None
+    channels, *size = model.shape
+    stats.check(model.schedule, (channels, *(2 * d for d in size)))
+    for other in (channels + 1, 3 if channels == 1 else 1):
+        with pytest.raises(EMSError, match=rf"cannot serve samples of shape \({other}, "):
+            stats.check(model.schedule, (other, *size))
+        with pytest.raises(EMSError, match="channels"):
+            EMS.load(zoo.statistics_path(name, zoo_ems.SHIPPED[name].guidance), model.schedule, (other, *size))

@@ -8,6 +8,7 @@ around a denoiser, composed in any order; solvers never know about them.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -120,34 +121,95 @@ def _check_name(kind: str, name: str, valid) -> None:
         raise ValueError(f"Unknown {kind} {name!r}; valid names are: {', '.join(sorted(valid))}.")
 
 
+def _real(owner: str, name: str, value) -> float:
+    """``value`` as a float; TypeError for a non-number, ValueError for NaN / Inf (naming ``owner.name``)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = value.item()                       # once, at construction
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner} {name} must be a real number, got {type(value).__name__} {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{owner} {name} must be finite, got {value!r}.")
+    return float(value)
+
+
+def _mapping(owner: str, name: str, value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{owner} {name} must be a dict of model keyword arguments (e.g. {{'y': labels}}), got "
+                        f"{type(value).__name__}.")
+    return dict(value)
+
+
+def _network_output(out) -> torch.Tensor:
+    """The prediction tensor in a network's output: a tensor, a diffusers output's ``.sample``, or the first item
+    of a tuple (``return_dict=False``); a TypeError naming what came back otherwise."""
+    if isinstance(out, torch.Tensor):
+        return out
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    hint = {type(None): " (does its forward() end without a return?)",
+            np.ndarray: "; convert it with torch.from_numpy, on x's device",
+            dict: f" with keys {sorted(map(str, out))}; wrap it to pick the prediction, e.g. "
+                  "lambda x, t: net(x, t)['eps']" if isinstance(out, dict) else ""}.get(type(out), "")
+    raise TypeError(f"The network returned {type(out).__name__}{hint}; wrap_model expects a torch.Tensor of the "
+                    "input's shape (or a tuple / diffusers output whose first item / .sample is one).")
+
+
 def _time_tensor(value: float, x: torch.Tensor) -> torch.Tensor:
     # At least float32: a half-precision time would move the noise level (bf16 rounds train index 776.3 to 776).
     return torch.full((x.shape[0],), value, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
 
 
+def _callable_time(time_input: Callable) -> Callable[[Schedule, float], float]:
+    def mapped(schedule, t):
+        value = time_input(t)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"The time_input callable returned {type(value).__name__} {value!r} for t={t!r}; it must "
+                            "return a number, the network's time input.") from None
+    return mapped
+
+
 class ModelDenoiser(Denoiser):
     """A network wrapped for a schedule; build it with :func:`wrap_model`."""
 
-    def __init__(self, net, schedule: Schedule, prediction: str = "eps", time_input="continuous",
+    def __init__(self, net, schedule: Schedule, prediction: str = "eps", time_input=None,
                  model_kwargs: Mapping[str, Any] | None = None, input_dtype: torch.dtype | None = None):
+        if not callable(net):
+            raise TypeError(f"net must be the network (an nn.Module or a function net(x, t, **kwargs)), got "
+                            f"{type(net).__name__} {net!r:.80}.")
         if not isinstance(schedule, Schedule):
-            raise ValueError(f"schedule must be a dpmsolve Schedule, got {type(schedule).__name__}.")
+            raise TypeError(f"schedule must be a dpmsolve Schedule (e.g. dpmsolve.DiscreteVP.linear()), got "
+                            f"{type(schedule).__name__}.")
+        if not isinstance(prediction, str):
+            raise TypeError(f"prediction must be a name from PREDICTIONS, got {type(prediction).__name__}.")
         prediction = _PREDICTION_ALIASES.get(prediction, prediction)
         _check_name("prediction", prediction, PREDICTIONS)
+        if time_input is None:                     # what the schedule implies: a DDPM table's train index
+            time_input = "discrete" if isinstance(schedule, DiscreteVP) else "continuous"
         if isinstance(time_input, str):
             _check_name("time_input", time_input, TIME_INPUTS)
             if time_input == "discrete":
                 _discrete_time(schedule, schedule.t_max)  # fail now, not at the first step
             self._time_map = TIME_INPUTS[time_input]
         elif callable(time_input):
-            self._time_map = lambda schedule, t: float(time_input(t))
+            self._time_map = _callable_time(time_input)
         else:
-            raise ValueError("time_input must be a name from TIME_INPUTS or a callable t -> network time.")
+            raise TypeError(f"time_input must be a name from TIME_INPUTS or a callable t -> network time, got "
+                            f"{type(time_input).__name__} {time_input!r}.")
+        if input_dtype is not None and not (isinstance(input_dtype, torch.dtype) and input_dtype.is_floating_point):
+            raise TypeError(f"input_dtype must be a floating-point torch.dtype (e.g. torch.float16) or None, got "
+                            f"{type(input_dtype).__name__} {input_dtype!r}.")
         self.net = net
         self.schedule = schedule
         self.prediction = prediction
         self.time_input = time_input
-        self.model_kwargs = dict(model_kwargs or {})
+        self.model_kwargs = _mapping("wrap_model", "model_kwargs", model_kwargs)
         self.input_dtype = input_dtype
         self._convert = PREDICTIONS[prediction]
 
@@ -169,6 +231,8 @@ class ModelDenoiser(Denoiser):
 
     def __call__(self, x: torch.Tensor, t: float | np.ndarray, **model_kwargs) -> Prediction:
         # The network sees its own dtype; the conversion to (x0, eps) runs in x's (sample() passes >= float32).
+        if x.shape[0] == 0:                        # an empty batch: nothing to evaluate (networks may fail on it)
+            return Prediction(torch.empty_like(x), torch.empty_like(x))
         net_dtype = self._net_dtype(x)
         time_dtype = torch.promote_types(net_dtype, torch.float32)
         if isinstance(t, np.ndarray):              # one time per sample (see Denoiser.per_sample_time)
@@ -183,9 +247,10 @@ class ModelDenoiser(Denoiser):
         else:
             t_net = _time_tensor(self.network_time(t), x).to(time_dtype)
             a, s = self.schedule.alpha_sigma(t)
-        out = self.net(x.to(net_dtype), t_net, **{**self.model_kwargs, **model_kwargs})
-        if not isinstance(out, torch.Tensor):
-            out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
+        out = _network_output(self.net(x.to(net_dtype), t_net, **{**self.model_kwargs, **model_kwargs}))
+        if not out.is_floating_point():
+            raise TypeError(f"The network returned a tensor of dtype {out.dtype}; it must return a floating-point "
+                            "prediction.")
         if out.shape != x.shape:
             raise ValueError(
                 f"The model returned shape {tuple(out.shape)} for input shape {tuple(x.shape)}; it must return "
@@ -197,7 +262,7 @@ class ModelDenoiser(Denoiser):
         return f"ModelDenoiser(prediction={self.prediction!r}, time_input={self.time_input!r}, {self.schedule!r})"
 
 
-def wrap_model(net, schedule: Schedule, prediction: str = "eps", time_input="continuous",
+def wrap_model(net, schedule: Schedule, prediction: str = "eps", time_input=None,
                model_kwargs: Mapping[str, Any] | None = None, input_dtype: torch.dtype | None = None
                ) -> ModelDenoiser:
     """Wrap ``net(x, t_net, **model_kwargs)`` as a denoiser for ``schedule``.
@@ -209,7 +274,11 @@ def wrap_model(net, schedule: Schedule, prediction: str = "eps", time_input="con
             ``"score"`` (``grad log p``) or ``"flow"`` (velocity ``eps - x0``).
         time_input: the network's time input: ``"continuous"`` (the schedule's t), ``"discrete"`` (train index
             ``N t - 1`` of a DiscreteVP, as the reference DPM-Solver), ``"1000t"``, ``"sigma"`` (VE sigma/alpha),
-            ``"c_noise"`` (EDM's ``log(sigma)/4``) or a callable ``t -> value``.
+            ``"c_noise"`` (EDM's ``log(sigma)/4``) or a callable ``t -> value``. Default (None): what the
+            schedule implies, ``"discrete"`` for a :class:`DiscreteVP` (a DDPM network takes its integer train
+            step, as diffusers and the reference's "discrete" model type) and ``"continuous"`` for the others.
+            A DDPM network fed the continuous t in [1/N, 1] instead sees "train step 0 or 1" throughout and
+            samples blow up; pass ``"continuous"`` explicitly for a network trained on t itself.
         model_kwargs: extra keyword arguments passed to every network call (class labels, text embeddings).
         input_dtype: the dtype the network takes (default: its parameters' dtype for an ``nn.Module``, else the
             dtype of x). The time input goes in at least float32; outputs are converted in x's dtype, which
@@ -224,7 +293,8 @@ class _Wrapper(Denoiser):
 
     def __init__(self, inner: Denoiser):
         if not isinstance(inner, Denoiser):
-            raise ValueError("Guidance and correction wrappers take a denoiser built by wrap_model.")
+            raise TypeError(f"{type(self).__name__} wraps a dpmsolve denoiser (built by wrap_model), got "
+                            f"{type(inner).__name__}; wrap the network first: wrap_model(net, schedule, ...).")
         self.inner = inner
         self.schedule = inner.schedule
 
@@ -241,6 +311,8 @@ class _X0Correction(_Wrapper):
 
     def __call__(self, x, t, **model_kwargs):
         pred = self.inner(x, t, **model_kwargs)
+        if x.shape[0] == 0:
+            return pred
         x0 = self.correct(pred.x0)
         a, s = self.schedule.alpha_sigma(t)
         return Prediction(x0, (x - a * x0) / s)
@@ -252,12 +324,19 @@ class DynamicThresholding(_X0Correction):
 
     def __init__(self, inner: Denoiser, ratio: float = 0.995, max_value: float = 1.0):
         super().__init__(inner)
-        if not (0 < ratio <= 1) or max_value <= 0:
-            raise ValueError("DynamicThresholding needs 0 < ratio <= 1 and max_value > 0.")
+        ratio = _real("DynamicThresholding", "ratio", ratio)
+        max_value = _real("DynamicThresholding", "max_value", max_value)
+        if not 0 < ratio <= 1:
+            raise ValueError(f"DynamicThresholding needs a quantile 0 < ratio <= 1 (Imagen: 0.995); got "
+                             f"ratio={ratio!r}.")
+        if not max_value > 0:
+            raise ValueError(f"DynamicThresholding needs max_value > 0 (the data range, 1 for [-1, 1]); got "
+                             f"max_value={max_value!r}.")
         self.ratio, self.max_value = ratio, max_value
 
     def correct(self, x0):
-        flat = x0.detach().abs().reshape(x0.shape[0], -1).to(torch.promote_types(x0.dtype, torch.float32))
+        flat = x0.detach().abs().reshape(x0.shape[0], math.prod(x0.shape[1:]))
+        flat = flat.to(torch.promote_types(x0.dtype, torch.float32))
         s = torch.quantile(flat, self.ratio, dim=1).clamp_min(self.max_value)
         s = s.to(x0.dtype).reshape((-1,) + (1,) * (x0.dim() - 1))
         return torch.maximum(torch.minimum(x0, s), -s) / s
@@ -268,12 +347,21 @@ class ClipX0(_X0Correction):
 
     def __init__(self, inner: Denoiser, min_value: float = -1.0, max_value: float = 1.0):
         super().__init__(inner)
+        min_value, max_value = _real("ClipX0", "min_value", min_value), _real("ClipX0", "max_value", max_value)
         if not min_value < max_value:
-            raise ValueError("ClipX0 needs min_value < max_value.")
+            raise ValueError(f"ClipX0 needs min_value < max_value; got min_value={min_value!r}, "
+                             f"max_value={max_value!r}.")
         self.min_value, self.max_value = min_value, max_value
 
     def correct(self, x0):
         return x0.clamp(self.min_value, self.max_value)
+
+
+def _same(u, c) -> bool:
+    try:
+        return u is c or bool(u == c)
+    except Exception:  # noqa: BLE001 - e.g. arrays, whose == is element-wise
+        return False
 
 
 def _concat_kwargs(uncond: Mapping[str, Any], cond: Mapping[str, Any]) -> dict:
@@ -283,8 +371,28 @@ def _concat_kwargs(uncond: Mapping[str, Any], cond: Mapping[str, Any]) -> dict:
     out = {}
     for key in cond:
         u, c = uncond[key], cond[key]
-        out[key] = torch.cat([u, c]) if isinstance(c, torch.Tensor) else c
+        if isinstance(c, torch.Tensor) or isinstance(u, torch.Tensor):
+            if not (isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor) and c.dim() and u.dim()):
+                raise ValueError(f"cond[{key!r}] and uncond[{key!r}] must both be tensors with one row per sample "
+                                 f"(got {type(c).__name__} {tuple(getattr(c, 'shape', ()))} and {type(u).__name__} "
+                                 f"{tuple(getattr(u, 'shape', ()))}).")
+            if c.shape[0] != u.shape[0]:
+                raise ValueError(f"cond[{key!r}] has {c.shape[0]} rows but uncond[{key!r}] has {u.shape[0]}; both "
+                                 "need one row per sample of the batch.")
+            out[key] = torch.cat([u, c])
+        elif _same(u, c):
+            out[key] = c                           # shared by both halves (e.g. a mode string)
+        else:
+            raise ValueError(f"cond[{key!r}] = {c!r} and uncond[{key!r}] = {u!r} differ but are not tensors, so one "
+                             "network call cannot hold both; pass them as tensors with one row per sample.")
     return out
+
+
+def _check_rows(kwargs: Mapping[str, Any], batch: int, what: str) -> None:
+    for key, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.shape[0] != batch:
+            raise ValueError(f"ClassifierFreeGuidance {what}[{key!r}] has {v.shape[0]} rows for a batch of {batch} "
+                             "samples; give one row per sample (e.g. labels.expand(batch) or a slice).")
 
 
 class ClassifierFreeGuidance(_Wrapper):
@@ -299,7 +407,14 @@ class ClassifierFreeGuidance(_Wrapper):
 
     def __init__(self, inner: Denoiser, scale: float, cond: Mapping[str, Any], uncond: Mapping[str, Any]):
         super().__init__(inner)
-        self.scale = float(scale)
+        self.scale = _real("ClassifierFreeGuidance", "scale", scale)
+        if self.scale < 0:
+            raise ValueError(f"ClassifierFreeGuidance needs scale >= 0 (0: unconditional, 1: conditional, usually "
+                             f"1-15); got scale={scale!r}.")
+        if not isinstance(cond, Mapping) or not isinstance(uncond, Mapping):
+            bad, value = ("cond", cond) if not isinstance(cond, Mapping) else ("uncond", uncond)
+            raise TypeError(f"ClassifierFreeGuidance {bad} must be a dict of model keyword arguments, e.g. "
+                            f"cond={{'y': labels}}, uncond={{'y': null_labels}}; got {type(value).__name__}.")
         self.cond, self.uncond = dict(cond), dict(uncond)
         self._both = _concat_kwargs(self.uncond, self.cond)
 
@@ -308,6 +423,7 @@ class ClassifierFreeGuidance(_Wrapper):
         return self.inner.per_sample_time
 
     def __call__(self, x, t, **model_kwargs):
+        _check_rows(self.cond, x.shape[0], "cond")
         if self.scale == 1.0:
             return self.inner(x, t, **{**self.cond, **model_kwargs})
         # Per-call tensors with a batch dimension go to both halves (so do per-sample times).
@@ -329,15 +445,35 @@ class ClassifierGuidance(_Wrapper):
     def __init__(self, inner: Denoiser, log_prob: Callable, scale: float,
                  classifier_kwargs: Mapping[str, Any] | None = None):
         super().__init__(inner)
-        self.log_prob, self.scale = log_prob, float(scale)
-        self.classifier_kwargs = dict(classifier_kwargs or {})
+        if not callable(log_prob):
+            raise TypeError(f"ClassifierGuidance log_prob must be a function log_prob(x, t_net, **kwargs) -> "
+                            f"per-sample log p(y | x), got {type(log_prob).__name__}.")
+        self.log_prob, self.scale = log_prob, _real("ClassifierGuidance", "scale", scale)
+        self.classifier_kwargs = _mapping("ClassifierGuidance", "classifier_kwargs", classifier_kwargs)
 
-    def __call__(self, x, t, **model_kwargs):
-        pred = self.inner(x, t, **model_kwargs)
+    def _gradient(self, x, t) -> torch.Tensor:
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             lp = self.log_prob(x_in, _time_tensor(self.network_time(t), x), **self.classifier_kwargs)
-            (grad,) = torch.autograd.grad(lp.sum(), x_in)
+            if not isinstance(lp, torch.Tensor):
+                raise TypeError(f"ClassifierGuidance log_prob returned {type(lp).__name__}; it must return a tensor "
+                                f"of per-sample log-probabilities, shape ({x.shape[0]},).")
+            if lp.numel() != x.shape[0]:
+                raise ValueError(f"ClassifierGuidance log_prob returned shape {tuple(lp.shape)} for a batch of "
+                                 f"{x.shape[0]}; it must return one log-probability per sample (pick the wanted "
+                                 "class, e.g. logits.log_softmax(-1)[range(n), y]).")
+            grad = torch.autograd.grad(lp.sum(), x_in, allow_unused=True)[0] if lp.requires_grad else None
+        if grad is None:
+            raise ValueError("ClassifierGuidance log_prob's output does not depend on x (no gradient reaches x): it "
+                             "must be differentiable in x, so do not detach x, call .item()/numpy on it, or run the "
+                             "classifier under torch.no_grad().")
+        return grad
+
+    def __call__(self, x, t, **model_kwargs):
+        pred = self.inner(x, t, **model_kwargs)
+        if x.shape[0] == 0:
+            return pred
+        grad = self._gradient(x, t)
         a, s = self.schedule.alpha_sigma(t)
         eps = pred.eps - (self.scale * s) * grad.to(pred.eps.dtype)
         return Prediction((x - s * eps) / a, eps)

@@ -10,6 +10,7 @@ All functions work on host float64 (Python floats or numpy arrays); data tensors
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -36,6 +37,27 @@ def _as_float64(t):
 def _maybe_scalar(value, like):
     """Return a Python float when the input was a scalar, else the array."""
     return float(value) if np.ndim(like) == 0 else value
+
+
+def _check_numbers(owner: str, obj, *names: str) -> None:
+    """Each named field of ``obj`` is a finite real number (TypeError / ValueError naming it otherwise)."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{owner} {name} must be a real number, got {type(value).__name__} {value!r}.")
+        if not math.isfinite(value):
+            raise ValueError(f"{owner} {name} must be finite, got {value!r}.")
+
+
+def _check_times(owner: str, t_min, t_max, below_one: bool, why: str) -> None:
+    if not (0 < t_min < t_max and (t_max < 1 or not below_one)):
+        bound = " < 1" if below_one else ""
+        raise ValueError(f"{owner} needs 0 < t_min < t_max{bound} ({why}); got t_min={t_min!r}, t_max={t_max!r}.")
+
+
+def _first_bad(values: np.ndarray, bad: np.ndarray) -> str:
+    i = int(np.argmax(bad))
+    return f"{float(values[i])!r} at index {i}"
 
 
 class Schedule(ABC):
@@ -133,13 +155,16 @@ class DiscreteVP(VPSchedule):
     _ts: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
-        ac = np.array(self.alphas_cumprod, dtype=np.float64).reshape(-1)
+        ac = np.asarray(self.alphas_cumprod, dtype=np.float64)
+        if ac.ndim != 1:
+            raise ValueError(f"alphas_cumprod must be a 1-D array (one value per train step); got shape {ac.shape}.")
         if ac.size < 2:
-            raise ValueError("DiscreteVP needs at least 2 train steps in alphas_cumprod.")
-        if not np.all(np.isfinite(ac)) or np.any(ac[:-1] <= 0) or ac[-1] < 0 or np.any(ac > 1):
+            raise ValueError(f"DiscreteVP needs at least 2 train steps; got {ac.size} in alphas_cumprod.")
+        bad = ~np.isfinite(ac) | (ac > 1) | np.concatenate([ac[:-1] <= 0, [ac[-1] < 0]])
+        if np.any(bad):
             raise ValueError(
-                "alphas_cumprod must be finite and in (0, 1] (only the last entry may be 0 for a "
-                "zero-terminal-SNR schedule)."
+                f"alphas_cumprod must be finite and in (0, 1] (only the last entry may be 0 for a "
+                f"zero-terminal-SNR schedule); got {_first_bad(ac, bad)}."
             )
         ac = ac.copy()
         if ac[-1] <= 0.0:
@@ -159,23 +184,41 @@ class DiscreteVP(VPSchedule):
 
     @classmethod
     def from_betas(cls, betas) -> DiscreteVP:
-        betas = np.asarray(betas, dtype=np.float64).reshape(-1)
-        if np.any(betas <= 0) or np.any(betas > 1) or not np.all(np.isfinite(betas)):
-            raise ValueError("betas must be finite and in (0, 1]; got values outside that range.")
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1:
+            raise ValueError(f"betas must be a 1-D array (one value per train step); got shape {betas.shape}.")
+        if betas.size < 2:
+            raise ValueError(f"DiscreteVP needs at least 2 train steps; got {betas.size} betas.")
+        bad = ~np.isfinite(betas) | (betas <= 0) | (betas > 1)
+        if np.any(bad):
+            raise ValueError(f"betas must be finite and in (0, 1]; got {_first_bad(betas, bad)}.")
         return cls(np.cumprod(1.0 - betas))
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod) -> DiscreteVP:
         return cls(np.asarray(alphas_cumprod, dtype=np.float64))
 
+    @staticmethod
+    def _check_table(owner: str, n, beta_start, beta_end) -> None:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
+            raise ValueError(f"DiscreteVP.{owner} needs n >= 2 train steps (an integer); got n={n!r}.")
+        for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"DiscreteVP.{owner} {name} must be a real number, got {type(value).__name__} "
+                                f"{value!r}.")
+            if not 0 < value <= 1:
+                raise ValueError(f"DiscreteVP.{owner} needs betas in (0, 1]; got {name}={value!r}.")
+
     @classmethod
     def linear(cls, n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteVP:
         """The DDPM linear-beta schedule (diffusers' ``beta_schedule="linear"``)."""
+        cls._check_table("linear", n, beta_start, beta_end)
         return cls.from_betas(np.linspace(beta_start, beta_end, n))
 
     @classmethod
     def scaled_linear(cls, n: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> DiscreteVP:
         """Stable Diffusion's schedule (diffusers' ``beta_schedule="scaled_linear"``)."""
+        cls._check_table("scaled_linear", n, beta_start, beta_end)
         return cls.from_betas(np.linspace(beta_start**0.5, beta_end**0.5, n) ** 2)
 
     @property
@@ -222,10 +265,11 @@ class LinearVP(VPSchedule):
     t_max: float = 1.0
 
     def __post_init__(self):
-        if not (self.beta_0 > 0 and self.beta_1 > self.beta_0):
-            raise ValueError("LinearVP needs 0 < beta_0 < beta_1 so that log-SNR decreases strictly.")
-        if not (0 < self.t_min < self.t_max):
-            raise ValueError("LinearVP needs 0 < t_min < t_max.")
+        _check_numbers("LinearVP", self, "beta_0", "beta_1", "t_min", "t_max")
+        if not 0 < self.beta_0 < self.beta_1:
+            raise ValueError(f"LinearVP needs 0 < beta_0 < beta_1 so that log-SNR decreases strictly (Song et al. use "
+                             f"0.1 and 20); got beta_0={self.beta_0!r}, beta_1={self.beta_1!r}.")
+        _check_times("LinearVP", self.t_min, self.t_max, False, "sigma is 0 at t = 0")
 
     def log_alpha(self, t):
         return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
@@ -241,7 +285,9 @@ class LinearVP(VPSchedule):
 class CosineVP(VPSchedule):
     """Continuous cosine schedule (Nichol & Dhariwal 2021): alpha(t) = cos((t+s)/(1+s) pi/2) / cos(s/(1+s) pi/2).
 
-    ``t_max`` defaults to 0.9946, where the reference DPM-Solver stops because alpha vanishes at t = 1.
+    ``t_max`` defaults to 0.9946, where the reference DPM-Solver stops because alpha vanishes at t = 1. The
+    offset ``s`` must be in (0, 1]: it is a small shift (0.008 in the paper); larger ones lose t's precision in
+    ``(t + s) / (1 + s)``.
     """
 
     s: float = 0.008
@@ -249,8 +295,11 @@ class CosineVP(VPSchedule):
     t_max: float = 0.9946
 
     def __post_init__(self):
-        if not (0 < self.t_min < self.t_max < 1.0):
-            raise ValueError("CosineVP needs 0 < t_min < t_max < 1 (alpha is 0 at t = 1).")
+        _check_numbers("CosineVP", self, "s", "t_min", "t_max")
+        if not 0 < self.s <= 1:
+            raise ValueError(f"CosineVP needs an offset 0 < s <= 1 (Nichol & Dhariwal use s = 0.008); got "
+                             f"s={self.s!r}.")
+        _check_times("CosineVP", self.t_min, self.t_max, True, "alpha is 0 at t = 1")
 
     @property
     def _log_alpha_0(self) -> float:
@@ -271,8 +320,10 @@ class EDM(Schedule):
     sigma_max: float = 80.0
 
     def __post_init__(self):
-        if not (0 < self.sigma_min < self.sigma_max):
-            raise ValueError("EDM needs 0 < sigma_min < sigma_max.")
+        _check_numbers("EDM", self, "sigma_min", "sigma_max")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max (Karras et al. use 0.002 and 80); got "
+                             f"sigma_min={self.sigma_min!r}, sigma_max={self.sigma_max!r}.")
 
     @property
     def t_min(self) -> float:
@@ -301,8 +352,9 @@ class RectifiedFlow(Schedule):
     t_max: float = 1.0 - 1e-3
 
     def __post_init__(self):
-        if not (0 < self.t_min < self.t_max < 1.0):
-            raise ValueError("RectifiedFlow needs 0 < t_min < t_max < 1 (lambda is infinite at 0 and 1).")
+        _check_numbers("RectifiedFlow", self, "t_min", "t_max")
+        _check_times("RectifiedFlow", self.t_min, self.t_max, True, "lambda is infinite at 0 and 1; the default is "
+                     "[1e-3, 1 - 1e-3]")
 
     def _log_alpha_sigma(self, t):
         return np.log1p(-t), np.log(t)

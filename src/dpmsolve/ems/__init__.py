@@ -5,12 +5,12 @@
 >>> dpmsolve.sample(denoiser, x_T, "dpmsolver-v3", ems=stats, steps=8)
 """
 
-from .statistics import EMS, EMSError, FORMAT_VERSION
+from .statistics import EMS, EMSError, EMSWarning, FORMAT_VERSION
 from .compute import compute, statistics_from_moments
 from .quadrature import StepIntegrals, step_integrals
 
-__all__ = ["EMS", "EMSError", "FORMAT_VERSION", "StepIntegrals", "compute", "load", "statistics_from_moments",
-           "step_integrals"]
+__all__ = ["EMS", "EMSError", "EMSWarning", "FORMAT_VERSION", "StepIntegrals", "compute", "load",
+           "statistics_from_moments", "step_integrals"]
 
 
 def load(path, schedule=None, data_shape=None) -> EMS:

@@ -25,15 +25,16 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from ..model import Denoiser
+from ..model import Denoiser, ModelDenoiser
 from ..schedules import Schedule
-from .statistics import EMS, EMSError
+from .statistics import EMS, EMSError, EMSWarning, prepare_output_path
 
 __all__ = ["compute", "MOMENTS"]
 
@@ -88,6 +89,10 @@ class _Batches:
 
     def __init__(self, data, n_data, shape, conditions, batch_size):
         if data is not None:
+            if not isinstance(data, (torch.Tensor, np.ndarray)):
+                raise TypeError(f"data must be a tensor (or numpy array) of data points, shape (K, *sample_shape); "
+                                f"got {type(data).__name__}" + (" (load the file first, e.g. torch.load(path))"
+                                                                 if isinstance(data, (str, Path)) else "") + ".")
             data = torch.as_tensor(data)
             if data.dim() < 2:
                 raise EMSError("data must be a tensor of data points, shape (K, *sample_shape).")
@@ -180,8 +185,12 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
         progress: tqdm progress bar (None: only on a terminal). model_id: stored in the EMS.
         dtype, device: of the points (default float32, or the data's dtype and device).
         jvp: ``'forward'`` (``torch.func.jvp``; the network must be plain torch operations) or
-            ``'finite_difference'`` (central difference ``(eps(x + d v) - eps(x - d v)) / 2d`` with d =
-            ``fd_step``, for denoisers forward-mode AD cannot trace, e.g. ones that call numpy).
+            ``'finite_difference'`` (fourth-order central difference along v with a step ~ sigma_t scaled to the
+            network's precision, evaluated in float64 where the denoiser accepts it; 5 evaluations per probe,
+            for denoisers forward-mode AD cannot trace, e.g. ones that call numpy).
+
+    The result is checked with :meth:`EMS.diagnose`: statistics that look unsound (spikes of s that would blow
+    up DPM-Solver-v3's steps) are returned with an :class:`~dpmsolve.ems.EMSWarning` naming the nodes and the fix.
     """
     from tqdm.auto import tqdm
 
@@ -226,7 +235,7 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
                 "refine": trajectory_refine, "data": batches.fingerprint(), "dtype": str(dtype),
                 "jvp": jvp}
     sums = {k: np.zeros((n_lambdas + 1,) + stat_shape) for k in MOMENTS}
-    done, elapsed = 0, 0.0
+    done, elapsed, fd_state = 0, 0.0, {}
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     if checkpoint is not None and checkpoint.is_file():
         done, elapsed = _resume(checkpoint, settings, sums)
@@ -260,7 +269,7 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
                                            else (den, call_kwargs))
                 group_den, group_kwargs = grouped[len(nodes)]
                 moments = _node_moments(group_den, schedule, points, lambdas[list(nodes)], (lambdas[0], lambdas[-1]),
-                                        fd, draws, group_kwargs, reduce_dims, jvp)
+                                        fd, draws, group_kwargs, reduce_dims, jvp, fd_state)
                 for j, node_moments in zip(nodes, moments):
                     for key, value in node_moments.items():
                         sums[key][j] += np.reshape(value, stat_shape)
@@ -276,8 +285,13 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
     if checkpoint is not None and checkpoint.is_file():
         checkpoint.unlink()
     info = {**settings, "smooth": smooth, "var_floor": var_floor, "wall_seconds": round(wall, 3),
-            "estimator": "Hutchinson l (forward JVP), one-pass moments, central difference along the ODE"}
-    return EMS(lambdas, l, s, b, batches.shape, schedule.fingerprint(), batches.n, model_id, info)
+            "estimator": f"Hutchinson l ({'forward JVP' if jvp == 'forward' else '4-point central difference'}), "
+                         "one-pass moments, central difference along the ODE"}
+    ems = EMS(lambdas, l, s, b, batches.shape, schedule.fingerprint(), batches.n, model_id, info)
+    problem = ems.diagnose()
+    if problem:                                # returned all the same: hours of work are not thrown away
+        warnings.warn(problem, EMSWarning, stacklevel=2)
+    return ems
 
 
 def _trajectory(den, schedule, times, x0, n, shape, gen, dtype, device, refine, kwargs) -> list[torch.Tensor]:
@@ -299,13 +313,44 @@ def _trajectory(den, schedule, times, x0, n, shape, gen, dtype, device, refine, 
     return sol.trajectory[::refine]
 
 
-def _jvp(den, t, kwargs, x, v, mode, fd):
+def _network_dtype(den, work: torch.dtype) -> torch.dtype:
+    """The precision the denoiser computes in: a wrapped network's own dtype, else the dtype it is given."""
+    while not isinstance(den, ModelDenoiser) and isinstance(getattr(den, "inner", None), Denoiser):
+        den = den.inner
+    if isinstance(den, ModelDenoiser):
+        return torch.promote_types(den._net_dtype(torch.empty((), dtype=work)), torch.float32)
+    return work
+
+
+def _fd_jvp(den, t, kwargs, x, v, sigma, fd_state: dict) -> torch.Tensor:
+    """J v by the fourth-order central difference ``(8 (e(h) - e(-h)) - (e(2h) - e(-2h))) / 12h`` along v.
+
+    The points are formed and evaluated in float64 where the denoiser accepts it (``fd_state`` remembers whether
+    it does). The step is per point, ``h = u^(1/5) sigma_t`` with u the unit roundoff of the precision the
+    denoiser computes in (a wrapped network's dtype, else the evaluation dtype): eps varies on the scale of the
+    noise sigma_t in x, so this balances the O((h / sigma)^4) truncation against the O(u / h) rounding (the old
+    fixed step, 3e-3 in float32, was far too wide at small sigma on sharp models and made the statistics
+    unsound)."""
+    work = fd_state.setdefault("dtype", torch.float64)
+    try:
+        h = torch.finfo(_network_dtype(den, work)).eps ** 0.2 * sigma.to(work)
+        xw, hv = x.to(work), h * v.to(work)
+        with torch.no_grad():
+            e = {k: den(xw + k * hv, t, **kwargs).eps.to(work) for k in (-2, -1, 1, 2)}
+    except (RuntimeError, TypeError):
+        if work == x.dtype:
+            raise
+        fd_state["dtype"] = x.dtype                # the denoiser refuses float64: difference in x's dtype
+        return _fd_jvp(den, t, kwargs, x, v, sigma, fd_state)
+    return (8.0 * (e[1] - e[-1]) - (e[2] - e[-2])) / (12.0 * h)
+
+
+def _jvp(den, t, kwargs, x, v, mode, sigma, fd_state):
     """(eps(x), J v) with J = d eps / dx."""
     if mode == "finite_difference":
         with torch.no_grad():
             eps = den(x, t, **kwargs).eps
-            plus, minus = den(x + fd * v, t, **kwargs).eps, den(x - fd * v, t, **kwargs).eps
-        return eps, (plus - minus) / (2 * fd)
+        return eps, _fd_jvp(den, t, kwargs, x, v, sigma, fd_state)
     try:
         return torch.func.jvp(lambda u: den(u, t, **kwargs).eps, (x,), (v,))
     except RuntimeError as err:
@@ -318,7 +363,8 @@ def _repeat(kwargs: dict, copies: int) -> dict:
     return {k: torch.cat([v] * copies) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in kwargs.items()}
 
 
-def _node_moments(den, schedule, points, lams, lam_range, fd, draws, kwargs, dims, mode) -> list[dict[str, np.ndarray]]:
+def _node_moments(den, schedule, points, lams, lam_range, fd, draws, kwargs, dims, mode, fd_state
+                  ) -> list[dict[str, np.ndarray]]:
     """The sums of every moment at each of the nodes ``lams`` (points, probes per node) from one set of network
     calls: with several nodes the points are stacked and each carries its own time."""
     n, g = points[0].shape[0], len(points)
@@ -338,8 +384,8 @@ def _node_moments(den, schedule, points, lams, lam_range, fd, draws, kwargs, dim
     eps = None
     for p in range(len(draws[0])):
         v = torch.cat([d[p] for d in draws])
-        eps, jv = _jvp(den, when(ts), kwargs, x, v, mode, fd)
-        hutch = hutch + (s * jv * v).double() / len(draws[0])
+        eps, jv = _jvp(den, when(ts), kwargs, x, v, mode, s, fd_state)
+        hutch = hutch + (s.to(jv.dtype) * jv * v.to(jv.dtype)).double() / len(draws[0])
     eps = eps.detach()
     # Total derivative along the ODE: central difference along its tangent in y = x / alpha.
     y = x / a
@@ -368,7 +414,7 @@ def _node_moments(den, schedule, points, lams, lam_range, fd, draws, kwargs, dim
 def _save_checkpoint(path: Path, settings: dict, sums: dict, done: int, elapsed: float) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_output_path(path, "EMS checkpoint")
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sums.items()}, str(tmp),
               metadata={"settings": json.dumps(settings, sort_keys=True), "done": str(done), "elapsed": str(elapsed)})
@@ -384,11 +430,19 @@ def _resume(path: Path, settings: dict, sums: dict) -> tuple[int, float]:
             stored = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
         raise EMSError(f"The EMS checkpoint {path} is unreadable ({err}); delete it to start over.") from None
-    if json.loads(meta.get("settings", "{}")) != json.loads(json.dumps(settings, sort_keys=True)):
+    try:
+        stored_settings = json.loads(meta.get("settings", "{}"))
+    except json.JSONDecodeError:
+        stored_settings = None
+    if stored_settings != json.loads(json.dumps(settings, sort_keys=True)):
         raise EMSError(f"The EMS checkpoint {path} belongs to a computation with other settings or data; delete it "
                        "or pass another checkpoint path.")
     for k in sums:
         if k not in stored or stored[k].shape != sums[k].shape:
             raise EMSError(f"The EMS checkpoint {path} is damaged (array {k!r}); delete it to start over.")
         sums[k][...] = stored[k]
-    return int(meta["done"]), float(meta.get("elapsed", 0.0))
+    try:
+        return int(meta["done"]), float(meta.get("elapsed", 0.0))
+    except (KeyError, TypeError, ValueError):
+        raise EMSError(f"The EMS checkpoint {path} has damaged metadata ('done' / 'elapsed'); delete it to start "
+                       "over.") from None

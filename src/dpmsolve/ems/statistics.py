@@ -14,6 +14,8 @@ least-squares fit of the total lambda-derivative ``f'`` on ``f``. ``l = 1, s = b
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +23,53 @@ import numpy as np
 
 from ..schedules import Schedule
 
-__all__ = ["EMS", "EMSError", "FORMAT_VERSION"]
+__all__ = ["EMS", "EMSError", "EMSWarning", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
+# Soundness (EMS.diagnose): over any stretch of log-SNR as wide as one step of a SOUND_STEPS-step uniform grid,
+# |int s dlambda| must stay below log(MAX_COEFFICIENT) of DPM-Solver-v3 (its step coefficients carry e^{-dS}).
+# Sound statistics stay far below: the shipped zoo EMS reach 1.5-2.1, an analytic 64-dim KDE 5.9 with 100
+# nodes; spurious spikes of s (float32 finite differences, too coarse a grid) reached 16-190.
+SOUND_STEPS = 5
 
 
 class EMSError(ValueError):
     """Statistics that do not fit the model, schedule or data they are used with (or a damaged file)."""
+
+
+class EMSWarning(UserWarning):
+    """Statistics that were computed but look unsound (see :meth:`EMS.diagnose`)."""
+
+
+def prepare_output_path(path, what: str) -> Path:
+    """``path`` as a Path whose parent folders exist; a clear error when it is a folder or a parent is a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"Cannot save the {what} to {path}: it is a folder. Give a file name, e.g. "
+                                f"{path / ('name' + ''.join(path.suffixes or ['.out']))}.")
+    for parent in path.parents:                # the nearest existing ancestor must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"Cannot save the {what} to {path}: {parent} is a file, not a folder. "
+                                         "Choose another path, or move that file away.")
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _meta_int(meta: dict, key: str, default, source) -> int:
+    raw = meta.get(key, default)
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise EMSError(f"{source} has damaged EMS metadata: {key!r} is {raw!r}, not an integer.") from None
+
+
+def _meta_json(meta: dict, key: str, default: str, source):
+    try:
+        return json.loads(meta.get(key, default))
+    except (TypeError, json.JSONDecodeError) as err:
+        raise EMSError(f"{source} has damaged EMS metadata: {key!r} is not valid JSON ({err}).") from None
 
 
 def _frozen(a) -> np.ndarray:
@@ -63,6 +105,19 @@ class EMS:
     info: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        shape = self.data_shape
+        try:
+            dims = None if isinstance(shape, (str, bytes)) else tuple(shape)
+        except TypeError:
+            dims = None
+        if dims is None or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1
+                                   for d in dims):
+            raise EMSError(f"EMS data_shape must be a tuple of positive integers (the per-sample shape), got "
+                           f"{shape!r}.")
+        if not isinstance(self.info, dict):
+            raise EMSError(f"EMS info must be a dict, got {type(self.info).__name__}.")
+        if isinstance(self.n_data, bool) or not isinstance(self.n_data, (int, np.integer)) or self.n_data < 0:
+            raise EMSError(f"EMS n_data must be a non-negative integer, got {self.n_data!r}.")
         lam = _frozen(self.lambdas)
         if lam.ndim != 1 or lam.size < 2 or not np.all(np.diff(lam) > 0) or not np.all(np.isfinite(lam)):
             raise EMSError("EMS lambdas must be a strictly increasing finite 1-D array of at least 2 nodes.")
@@ -129,6 +184,22 @@ class EMS:
                            f"grid [{lo:.4g}, {hi:.4g}]. Sample within the range the statistics were computed on "
                            "(t_start / t_end), or compute them on a wider range.")
 
+    @property
+    def shared_dims(self) -> tuple[int, ...]:
+        """The data dimensions the statistics are shared over: samples may have any size there. Those stored
+        with size 1 where the data was larger, and those recorded as shared (``compute(shared=True)``: all but
+        the first; :meth:`share`). Any other dimension must match ``data_shape`` exactly: statistics of
+        1-channel data do not serve 3-channel samples."""
+        stat, data = self.stat_shape, self.data_shape
+        if not stat:
+            return tuple(range(len(data)))
+        free = {i for i, (d, e) in enumerate(zip(stat, data)) if d == 1 and (e != 1 or self.model == "degenerate")}
+        if self.info.get("shared") is True:
+            free |= set(range(1, len(data)))
+        recorded = self.info.get("shared_dims", [])
+        free |= {int(d) for d in (recorded if isinstance(recorded, list) else []) if isinstance(d, int)}
+        return tuple(sorted(i for i in free if 0 <= i < len(data) and stat[i] == 1))
+
     def check(self, schedule: Schedule | None = None, data_shape=None) -> None:
         """Raise an :class:`EMSError` when these statistics do not belong to ``schedule`` or cannot serve
         samples of per-sample shape ``data_shape``."""
@@ -137,12 +208,57 @@ class EMS:
                            "compute statistics for this schedule (dpmsolve.ems.compute).")
         if data_shape is not None:
             data_shape = tuple(data_shape)
-            stat = self.stat_shape
-            if stat and (len(stat) != len(data_shape) or any(d != 1 and d != e for d, e in zip(stat, data_shape))):
-                hint = ("statistics shared across positions serve any resolution with the same channels"
-                        if self.shared else "per-element statistics serve only the shape they were estimated on")
+            stat, free = self.stat_shape, self.shared_dims
+            if not stat:
+                return
+            bad = [i for i, (d, e) in enumerate(zip(self.data_shape, data_shape)) if i not in free and d != e]
+            if len(stat) != len(data_shape) or bad:
+                if self.shared:
+                    hint = (f"statistics shared over dimension(s) {', '.join(map(str, free))} serve any size there; "
+                            f"dimension(s) {', '.join(map(str, bad or range(len(stat))))} (e.g. the channels) must "
+                            "match")
+                else:
+                    hint = "per-element statistics serve only the shape they were estimated on"
                 raise EMSError(f"These EMS were computed for samples of shape {self.data_shape} (statistics "
-                               f"{stat}); they cannot serve samples of shape {data_shape} ({hint}).")
+                               f"{stat}); they cannot serve samples of shape {data_shape} ({hint}). Compute "
+                               "statistics for this data (dpmsolve.ems.compute).")
+
+    def diagnose(self, steps: int = SOUND_STEPS) -> str | None:
+        """None when the statistics look sound, else what is wrong, at which nodes, and what to do.
+
+        Over every stretch of log-SNR as wide as one step of a ``steps``-step uniform grid, ``|int s dlambda|``
+        must stay below ``log(MAX_COEFFICIENT)`` of DPM-Solver-v3 (``e^{-dS}`` enters its step coefficients);
+        spurious spikes of s break this long before v3 refuses them. The integral is bounded by that of the
+        largest ``|s|`` over the elements at each node (exact for one element)."""
+        from ..solvers.v3 import MAX_COEFFICIENT
+
+        limit = math.log(MAX_COEFFICIENT)
+        lam = self.lambdas
+        peak = np.abs(self.s.reshape(lam.size, -1)).max(axis=1) if self.s.size else np.zeros(lam.size)
+        cum = np.concatenate([[0.0], np.cumsum(0.5 * (peak[1:] + peak[:-1]) * np.diff(lam))])
+        width = (lam[-1] - lam[0]) / steps
+        ends = np.searchsorted(lam, lam + width * (1 + 1e-12), side="right") - 1
+        growth = cum[ends] - cum
+        if growth.max() <= limit:
+            return None
+        flagged = np.zeros(lam.size, dtype=bool)
+        for i in np.flatnonzero(growth > limit):
+            flagged[i:ends[i] + 1] = True
+        worst = np.argsort(np.where(flagged, peak, -1.0))[::-1][:5]
+        nodes = ", ".join(f"{j} (lambda {lam[j]:.3g}, max |s| {peak[j]:.3g})" for j in sorted(worst) if flagged[j])
+        fd = self.info.get("jvp") == "finite_difference"
+        return (f"These EMS look unsound: over a log-SNR stretch of {width:.3g} (one step of a {steps}-step grid) "
+                f"int |s| reaches {growth.max():.3g} > {limit:.3g}, so DPM-Solver-v3 steps would scale by up to "
+                f"e^{growth.max():.3g}. Largest |s| at node(s) {nodes}. Recompute them with more nodes (n_lambdas), "
+                "more data points, a larger var_floor or smoothing"
+                + (", in float64 (dtype=torch.float64) or with jvp='forward'" if fd else ", in float64")
+                + "; or sample with more steps.")
+
+    def check_sound(self, steps: int = SOUND_STEPS) -> None:
+        """Raise an :class:`EMSError` with :meth:`diagnose`'s message when the statistics look unsound."""
+        problem = self.diagnose(steps)
+        if problem:
+            raise EMSError(problem)
 
     def share(self, dims=None) -> EMS:
         """Statistics averaged over ``dims`` of the data (default: all but the first, the spatial positions of
@@ -161,8 +277,7 @@ class EMS:
         import torch
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = prepare_output_path(path, "EMS")
         tensors = {k: torch.from_numpy(np.array(getattr(self, k))) for k in ("lambdas", "l", "s", "b")}
         meta = {"format": "dpmsolve-ems", "version": str(FORMAT_VERSION), "schedule": self.schedule,
                 "data_shape": json.dumps(list(self.data_shape)), "n_data": str(int(self.n_data)), "model": self.model,
@@ -187,18 +302,24 @@ class EMS:
             raise EMSError(f"{path} is not a readable EMS file ({err}).") from None
         if meta.get("format") != "dpmsolve-ems":
             raise EMSError(f"{path} is not a dpmsolve EMS file (no 'dpmsolve-ems' metadata).")
-        if int(meta.get("version", -1)) > FORMAT_VERSION:
-            raise EMSError(f"{path} has EMS format version {meta['version']}; this dpmsolve reads up to "
+        version = _meta_int(meta, "version", -1, path)
+        if version > FORMAT_VERSION:
+            raise EMSError(f"{path} has EMS format version {version}; this dpmsolve reads up to "
                            f"{FORMAT_VERSION}. Upgrade dpmsolve.")
         missing = {"lambdas", "l", "s", "b"} - set(arrays)
         if missing:
             raise EMSError(f"{path} lacks the array(s) {sorted(missing)}; the file is damaged.")
+        for key in ("data_shape", "schedule"):
+            if key not in meta:
+                raise EMSError(f"{path} has damaged EMS metadata (no {key!r}).")
+        shape = _meta_json(meta, "data_shape", "", path)
+        if not isinstance(shape, list):
+            raise EMSError(f"{path} has damaged EMS metadata: 'data_shape' is {meta['data_shape']!r}, not a list.")
         try:
-            ems = cls(arrays["lambdas"], arrays["l"], arrays["s"], arrays["b"], tuple(json.loads(meta["data_shape"])),
-                      meta["schedule"], int(meta.get("n_data", 0)), meta.get("model", ""),
-                      json.loads(meta.get("info", "{}")))
-        except (KeyError, json.JSONDecodeError) as err:
-            raise EMSError(f"{path} has damaged EMS metadata ({err}).") from None
+            ems = cls(arrays["lambdas"], arrays["l"], arrays["s"], arrays["b"], tuple(shape), meta["schedule"],
+                      _meta_int(meta, "n_data", 0, path), meta.get("model", ""), _meta_json(meta, "info", "{}", path))
+        except EMSError as err:
+            raise EMSError(f"{path} is damaged: {err}") from None
         ems.check(schedule, data_shape)
         return ems
 

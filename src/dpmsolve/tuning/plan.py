@@ -212,8 +212,9 @@ class Plan:
 
     def save(self, path) -> Path:
         """Write the plan as JSON (times as exact float64 decimal strings)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from ..ems.statistics import prepare_output_path
+
+        path = prepare_output_path(path, "plan")
         path.write_text(json.dumps(self.to_dict(), indent=1, default=float) + "\n")
         return path
 

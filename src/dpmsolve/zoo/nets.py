@@ -8,6 +8,10 @@ label ``num_classes`` is the "null" class used for classifier-free guidance. It 
 ``PatchesUNet`` is the unconditional U-Net of the ``patches`` model: 3x32x32 RGB in ``[-1, 1]``, three
 downsampling levels (32 -> 16 -> 8 -> 4) with one residual block each way, self-attention at 4x4, called as
 ``net(x, t)`` with ``t = 1000 t_schedule`` (``time_input="1000t"``); it returns the v-prediction.
+
+Both run in float16 / bfloat16 too (``net.to(torch.bfloat16)``): the time embedding is computed in float32 and
+handed to the network in its dtype, and the output layer runs in at least float32, so the prediction comes
+back in float32 (``wrap_model`` converts it).
 """
 
 from __future__ import annotations
@@ -19,13 +23,19 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, shape ``(B, dim)``."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, shape ``(B, dim)``, in ``dtype`` (default: at
+    least float32).
+
+    The phases are computed in at least float32 (half precision would round train step 776.3 to 776 and
+    lose the high frequencies' phase); only the result is cast, so an fp16 / bf16 network gets an accurate
+    embedding in its own dtype."""
     half = dim // 2
-    dtype = torch.promote_types(t.dtype, torch.float32)          # float32, or float64 for a float64 network
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
-    args = t.to(dtype)[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    work = torch.promote_types(t.dtype, torch.float32)           # float32, or float64 for a float64 network
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=work, device=t.device) / half)
+    args = t.to(work)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype or work)
 
 
 class ResBlock(nn.Module):
@@ -48,6 +58,14 @@ class ResBlock(nn.Module):
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(F.silu(h))
         return self.skip(x) + h
+
+
+def _output_head(norm: nn.GroupNorm, conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+    """GroupNorm-SiLU-conv output layer in at least float32: a half-precision prediction would be rounded to 3
+    digits (bf16) before the sampler divides it by alpha (up to ~150x at a DDPM's t_max)."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    h = F.group_norm(h.to(dtype), norm.num_groups, norm.weight.to(dtype), norm.bias.to(dtype), norm.eps)
+    return F.conv2d(F.silu(h), conv.weight.to(dtype), conv.bias.to(dtype), padding=conv.padding)
 
 
 class DigitsUNet(nn.Module):
@@ -81,7 +99,8 @@ class DigitsUNet(nn.Module):
             t = t.expand(x.shape[0])
         if y is None:
             y = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
-        emb = self.time_mlp(timestep_embedding(t, self.ch)) + self.label_emb(y.long())
+        emb = self.time_mlp(timestep_embedding(t, self.ch, dtype=self.conv_in.weight.dtype))
+        emb = emb + self.label_emb(y.long())
         emb = F.silu(emb)
         h0 = self.conv_in(x)
         h1 = self.down1(h0, emb)
@@ -93,7 +112,7 @@ class DigitsUNet(nn.Module):
         h = F.interpolate(h, scale_factor=2, mode="nearest")
         h = self.up1(torch.cat([h, h1], 1), emb)
         h = self.out(torch.cat([h, h0], 1), emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return _output_head(self.norm_out, self.conv_out, h)
 
 
 class DigitsClassifier(nn.Module):
@@ -171,7 +190,7 @@ class PatchesUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        emb = F.silu(self.time_mlp(timestep_embedding(t, self.ch)))
+        emb = F.silu(self.time_mlp(timestep_embedding(t, self.ch, dtype=self.conv_in.weight.dtype)))
         h0 = h = self.conv_in(x)
         skips = []
         for block, pool in zip(self.downs, self.pools):
@@ -183,7 +202,7 @@ class PatchesUNet(nn.Module):
             h = F.interpolate(h, scale_factor=2, mode="nearest")
             h = block(torch.cat([h, skips.pop()], 1), emb)
         h = self.out(torch.cat([h, h0], 1), emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return _output_head(self.norm_out, self.conv_out, h)
 
 
 ARCHITECTURES = {"DigitsUNet": DigitsUNet, "DigitsClassifier": DigitsClassifier, "PatchesUNet": PatchesUNet}
