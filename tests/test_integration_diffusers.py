@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from tiny_pipelines import tiny_stable_diffusion, tiny_unet  # noqa: E402
+from tiny_pipelines import SHAPE, hand_loop, start_noise, tiny_stable_diffusion, tiny_unet, toy_net  # noqa: E402, F401
 import dpmsolve as dp  # noqa: E402
 from dpmsolve.integrations.diffusers import (  # noqa: E402
     DDIMSolveScheduler,
@@ -29,34 +29,12 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
-SHAPE = (3, 4, 2, 2)
-_W = torch.randn(16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.3
-
-
-def toy_net(x: torch.Tensor, t) -> torch.Tensor:
-    """A smooth float64 'network' of (x, network time). The time goes through float32 first, as in a UNet's time
-    embedding, so the hand loop (float32 ``timesteps``) and ``dp.sample`` (float64 time input) see the same t."""
-    t = torch.as_tensor(t).to(torch.float32).to(torch.float64).reshape(-1).expand(x.shape[0])
-    h = x.to(torch.float64).reshape(x.shape[0], -1)
-    out = torch.tanh(h @ _W + torch.sin(t[:, None] / 300.0 + torch.arange(16.0) / 7))
-    return out.reshape(x.shape).to(x.dtype)
-
-
-def hand_loop(s, x, net=toy_net, timesteps=None, **step_kwargs):
-    for t in s.timesteps if timesteps is None else timesteps:
-        x = s.step(net(x, t), t, x, **step_kwargs).prev_sample
-    return x
-
 
 def native(s, net, x, solver: str, options: dict, ts=None, prediction=None, **kwargs) -> torch.Tensor:
     """dp.sample on the scheduler's own schedule and float64 grid."""
     time_input = "1000t" if s.config.use_flow_sigmas else "discrete"
     den = dp.wrap_model(net, s.schedule, prediction or s.config.prediction_type, time_input=time_input)
     return dp.sample(den, x, solver, grid=s._ts if ts is None else ts, progress=False, **kwargs, **options).x
-
-
-def start_noise(seed=0, shape=SHAPE, dtype=torch.float64):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 SOLVERS = {

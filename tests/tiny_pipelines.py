@@ -1,8 +1,34 @@
-"""Tiny randomly initialised diffusers components, built offline, shared by the integration tests."""
+"""Tiny randomly initialised diffusers components, built offline, and a smooth toy network with the diffusers
+hand loop, shared by the integration tests."""
 
 from __future__ import annotations
 
 import json
+
+import torch
+
+SHAPE = (3, 4, 2, 2)
+_W = torch.randn(16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.3
+
+
+def toy_net(x: torch.Tensor, t) -> torch.Tensor:
+    """A smooth float64 'network' of (x, network time). The time goes through float32 first, as in a UNet's time
+    embedding, so the hand loop (float32 ``timesteps``) and ``dp.sample`` (float64 time input) see the same t."""
+    t = torch.as_tensor(t).to(torch.float32).to(torch.float64).reshape(-1).expand(x.shape[0])
+    h = x.to(torch.float64).reshape(x.shape[0], -1)
+    out = torch.tanh(h @ _W + torch.sin(t[:, None] / 300.0 + torch.arange(16.0) / 7))
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def hand_loop(s, x, net=toy_net, timesteps=None, **step_kwargs):
+    """The loop every diffusers pipeline runs: one ``step`` per timestep."""
+    for t in s.timesteps if timesteps is None else timesteps:
+        x = s.step(net(x, t), t, x, **step_kwargs).prev_sample
+    return x
+
+
+def start_noise(seed=0, shape=SHAPE, dtype=torch.float64):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def tiny_unet():

@@ -3,8 +3,8 @@
 ``DPMSolveScheduler`` is one generic scheduler: it builds a dpmsolve schedule from the usual diffusers config
 (betas, prediction type, flow sigmas), a dpmsolve grid, and drives any fixed-grid dpmsolve solver through its
 ask/tell protocol, one model evaluation per ``step``. It holds no solver maths: the update is the solver's own,
-so a pipeline run equals ``dpmsolve.sample`` on the same model, noise and grid. The named subclasses only change
-config defaults::
+so a pipeline run equals ``dpmsolve.sample`` on the same model, noise and grid. The named subclasses (presets)
+fix the solver and its default options::
 
     from dpmsolve.integrations.diffusers import DPMSolverPPMultistepScheduler
     pipe.scheduler = DPMSolverPPMultistepScheduler.from_config(pipe.scheduler.config)
@@ -23,30 +23,43 @@ fractional timesteps; our discrete schedule interpolates log alpha between train
 DPM-Solver), ``N t`` for flow models (``use_flow_sigmas``; SD3/Flux pipelines pass it on as sigma * 1000).
 ``sigmas`` holds the VE ratio sigma/alpha (flow: the flow sigma t) of every grid time, the end included.
 
+``from_config`` reads diffusers' own options where dpmsolve has the equivalent (``solver_order``,
+``algorithm_type``, ``solver_type``, ``lower_order_final``, ``use_karras_sigmas``, ``use_lu_lambdas``,
+``use_exponential_sigmas``, ``timestep_spacing='trailing'``, ``final_sigmas_type``, ``predict_x0``,
+``disable_corrector``; ``prediction_type``, ``thresholding``, ``variance_type`` and the betas are config keys
+here too) and warns once naming every set option it cannot honour. A preset (``UniPCScheduler``, ...) always runs
+its own solver, whatever config it is built from.
+
 Behaviours of diffusers' own schedulers that this one does not copy: ``step`` accepts ``generator`` (diffusers'
 UniPC/DEIS raise a TypeError inside ``DDPMPipeline``); it never rounds timesteps to integers (so no duplicated
 timesteps on dense Karras grids); the solver's lower-order final steps are explicit solver options, not gated on
-the number of steps.
+the number of steps (diffusers applies ``lower_order_final`` below 15 steps only).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from ..grids import check_grid, make_grid
-from ..model import PREDICTIONS, Prediction
+from ..ems.statistics import EMS, EMSError
+from ..grids import GRIDS, check_grid, make_grid
+from ..model import PREDICTIONS, ClipX0, Denoiser, DynamicThresholding, Prediction
+from ..sampling import NonFiniteError, _check_finite
 from ..schedules import ZERO_SNR_ALPHA_BAR, DiscreteVP, RectifiedFlow
-from ..solvers import get_solver
+from ..solvers import SOLVERS, get_solver
 from ..tuning.plan import Plan, PlanError, PlanSolver
 
 __all__ = ["DPMSolveScheduler", "DPMSolveSchedulerOutput", "DDIMSolveScheduler", "DPMSolverPPMultistepScheduler",
@@ -55,6 +68,27 @@ __all__ = ["DPMSolveScheduler", "DPMSolveSchedulerOutput", "DDIMSolveScheduler",
 # diffusers' prediction_type -> dpmsolve.PREDICTIONS key
 _PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 _FINAL_SIGMAS = ("zero", "min")
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# diffusers' variance types (DDPMScheduler); the learned ones mean the model output carries variance channels
+_VARIANCE_TYPES = (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
+                   "learned_range")
+_LEARNED_VARIANCE = ("learned", "learned_range")
+EMS_FILE = "ems.safetensors"     # DPM-Solver-v3 statistics, beside the config written by save_pretrained
+_IN_MEMORY_EMS = "<in-memory EMS"
+
+# ---- diffusers options that from_config translates (DPMSolverMultistepScheduler's, plus UniPC's own)
+_ALGORITHMS = {"dpmsolver++": "dpmsolver++", "dpmsolver": "dpmsolver", "sde-dpmsolver++": "sde-dpmsolver++"}
+_FOREIGN_ALGORITHMS = ("sde-dpmsolver", "deis")          # diffusers' own, without a dpmsolve solver
+_SOLVER_TYPES = {"midpoint": ("solver_type", "dpmsolver"), "heun": ("solver_type", "taylor"),
+                 "bh1": ("variant", "bh1"), "bh2": ("variant", "bh2"), "logrho": None}
+_SPACINGS = {"linspace": None, "leading": None, "trailing": "time_uniform"}  # None: dpmsolve's grid instead
+_FINAL_SIGMAS_TYPES = {"zero": "zero", "sigma_min": "min"}
+# Options dpmsolve cannot honour, with the value that asks for nothing (any other value draws the warning).
+_NEUTRAL = {"use_beta_sigmas": False, "lambda_min_clipped": -math.inf, "time_shift_type": "exponential",
+            "solver_p": None, "sigma_min": None, "sigma_max": None, "shift_terminal": None}
+_DIFFUSERS_OPTIONS = ("solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final",
+                      "use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "timestep_spacing",
+                      "steps_offset", "final_sigmas_type", "predict_x0", "disable_corrector", *_NEUTRAL)
 
 
 @dataclasses.dataclass
@@ -81,8 +115,8 @@ def _betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_sc
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
         return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
-    raise ValueError(f"Unknown beta_schedule {beta_schedule!r}; valid: 'linear', 'scaled_linear', "
-                     "'squaredcos_cap_v2' (or pass trained_betas).")
+    raise ValueError(f"Unknown beta_schedule {beta_schedule!r}; valid: {', '.join(map(repr, _BETA_SCHEDULES))} "
+                     "(or pass trained_betas).")
 
 
 def _alphas_cumprod(betas: np.ndarray, rescale_zero_snr: bool) -> np.ndarray:
@@ -98,6 +132,103 @@ def _alphas_cumprod(betas: np.ndarray, rescale_zero_snr: bool) -> np.ndarray:
     return ac
 
 
+# --------------------------------------------------------------------------------------------- validation
+
+def _check_count(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        example = round(value) if isinstance(value, (int, float)) and math.isfinite(value) else minimum
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__}); pass an "
+                         f"int, e.g. {name}={max(minimum, example)}.")
+    return int(value)
+
+
+def _check_choice(name: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"Unknown {name} {value!r}; valid: {', '.join(map(repr, valid))}.")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+
+
+def _check_number(name: str, value, low: float, high: float = math.inf, high_included: bool = False) -> None:
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value) \
+        and low < value and (value <= high if high_included else value < high)
+    if not ok:
+        bound = "" if high == math.inf else f" and {'<=' if high_included else '<'} {high:g}"
+        raise ValueError(f"{name} must be a finite number > {low:g}{bound}, got {value!r}.")
+
+
+def _finite_values(name: str, values) -> np.ndarray:
+    """An explicit grid given to set_timesteps, as float64; NaN / Inf refused naming the argument."""
+    arr = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    arr = arr.reshape(-1)
+    if arr.size == 0:
+        raise ValueError(f"set_timesteps got empty {name}; pass at least one value.")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise ValueError(f"set_timesteps got {name} with NaN or Inf (at index {int(bad[0])}: {arr.tolist()}); pass "
+                         f"finite, strictly decreasing {name}.")
+    return arr
+
+
+def _config_value(where: str, value):
+    """``value`` as a scheduler config holds it (JSON): paths become strings, other objects are refused."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_config_value(where, v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _config_value(f"{where}[{k!r}]", v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} is a {type(value).__name__} object, which a scheduler config (JSON) cannot hold; "
+                         "pass a number, string or file path instead.") from None
+    return value
+
+
+# --------------------------------------------------------------------------------------------- model output
+
+class _ModelOutput(Denoiser):
+    """The model output handed to ``step``, as a dpmsolve denoiser, so that x0 corrections (thresholding) wrap it
+    as they wrap any network. ``output`` is set before each call."""
+
+    def __init__(self, schedule, prediction: str):
+        self.schedule, self.output, self._convert = schedule, None, PREDICTIONS[prediction]
+
+    def __call__(self, x, t, **model_kwargs):
+        a, s = self.schedule.alpha_sigma(t)
+        return Prediction(*self._convert(self.output.to(x.dtype), x, a, s))
+
+
+def _diffusers_thresholding(denoiser: Denoiser, ratio: float, max_value: float) -> Denoiser:
+    """diffusers' dynamic thresholding, ``s = clamp(quantile_ratio(|x0|), 1, max_value)``, ``x0 -> clamp(x0, -s, s)
+    / s``, composed of dpmsolve's wrappers: clipping to ``+-max_value`` first caps the quantile at max_value, then
+    DynamicThresholding raises it to at least 1 (``min(1, max_value)``: diffusers' clamp gives max_value when it
+    is below 1)."""
+    return DynamicThresholding(ClipX0(denoiser, -max_value, max_value), ratio, min(1.0, max_value))
+
+
+# --------------------------------------------------------------------------------------------- from_config
+
+def _solver_params(name: str, options: dict) -> set[str]:
+    """The options solver ``name`` (built with ``options``; unknown names and options raise) takes."""
+    built = type(get_solver(name, **options))
+    if inspect.isclass(SOLVERS[name]):
+        return set(inspect.signature(built).parameters)
+    # A family name ('dpmsolver', 'dpmsolver++') fixes the prediction and the method picks the class.
+    return set(inspect.signature(built).parameters) - {"predict"}
+
+
+def _same_solver(name: str, a: dict, b: dict) -> bool:
+    """Whether options ``a`` and ``b`` give solver ``name`` of one class (multistep vs singlestep DPM-Solver++)."""
+    return type(get_solver(name, **a)) is type(get_solver(name, **b))
+
+
 class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler running any dpmsolve fixed-grid solver (ask/tell), one evaluation per ``step``.
 
@@ -106,7 +237,9 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             DDPM schedule, as in diffusers (``DiscreteVP``; times ``t = (n + 1) / N`` for train index n).
         prediction_type: ``'epsilon'``, ``'sample'``, ``'v_prediction'`` or ``'flow_prediction'``.
         solver, solver_options: a dpmsolve registry name and its options (``{"order": 3}``); any fixed-grid
-            solver (not the adaptive one: a pipeline needs its timesteps up front).
+            solver (not the adaptive one: a pipeline needs its timesteps up front). DPM-Solver-v3's ``ems`` may be
+            an EMS object (the config then shows ``'<in-memory EMS ...>'``; ``save_pretrained`` writes it beside
+            the config as ``ems.safetensors``) or the path of an EMS file.
         grid, grid_options: a dpmsolve grid name (``'logSNR'``, ``'time_uniform'``, ``'time_quadratic'``,
             ``'karras'``, ``'exponential'``, ``'flow_shift'``) and its options; default ``'logSNR'``, or
             ``'flow_shift'`` with ``shift=flow_shift`` for flow models.
@@ -124,6 +257,13 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             count but the plan's (``plan.nfe``), and a run equals ``dpmsolve.sample(denoiser, x_T, plan)``. The
             loaded plan is ``scheduler.plan`` (None without one). A relative path is read from the working
             directory, also by ``from_pretrained``.
+        variance_type: diffusers' name; ``'learned'`` / ``'learned_range'``: the model output has twice the
+            sample's channels and ``step`` keeps the first half (the prediction), as diffusers' DPM-Solver does.
+        thresholding, dynamic_thresholding_ratio, sample_max_value: diffusers' dynamic thresholding of the x0
+            prediction (``s = clamp(quantile_ratio(|x0|), 1, sample_max_value)``, ``x0 -> clamp(x0, -s, s) / s``),
+            run as dpmsolve's ``ClipX0`` + ``DynamicThresholding`` wrappers.
+        check_finite: ``step`` raises :class:`~dpmsolve.NonFiniteError` (naming the step and timestep) when the
+            model output holds NaN or Inf, as ``dpmsolve.sample`` does (one read-back per step).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler",
@@ -131,6 +271,7 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
     order = 1
     _default_solver: str = "dpmsolver++"
     _default_solver_options: dict = {"order": 2}
+    _preset = False   # a preset runs its own solver whatever config it is built from (see from_config)
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -139,7 +280,9 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
                  solver: str | None = None, solver_options: dict[str, Any] | None = None,
                  grid: str | None = None, grid_options: dict[str, Any] | None = None, final_sigma: str = "zero",
                  use_flow_sigmas: bool = False, flow_shift: float = 1.0, use_dynamic_shifting: bool = False,
-                 plan: str | None = None):
+                 plan: str | None = None, variance_type: str | None = None, thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+                 check_finite: bool = True):
         # Class defaults of the named presets are written into the config, so a saved config is self-contained.
         if solver is None:
             solver = self._default_solver
@@ -147,8 +290,30 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
                 solver_options = dict(self._default_solver_options)
         solver_options = dict(solver_options or {})
         grid_options = dict(grid_options or {})
+        n = _check_count("num_train_timesteps", num_train_timesteps, minimum=2)
         if trained_betas is not None:
             trained_betas = [float(b) for b in np.asarray(trained_betas, dtype=np.float64).reshape(-1)]
+            if len(trained_betas) != n or not all(0.0 < b <= 1.0 for b in trained_betas):
+                raise ValueError(f"trained_betas must hold num_train_timesteps={n} values in (0, 1], got "
+                                 f"{len(trained_betas)} values in [{min(trained_betas, default=0):g}, "
+                                 f"{max(trained_betas, default=0):g}].")
+        for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+            _check_number(name, value, 0.0, 1.0)
+        _check_choice("beta_schedule", beta_schedule, _BETA_SCHEDULES)
+        _check_choice("prediction_type", prediction_type, tuple(_PREDICTION_TYPES))
+        if grid is not None:
+            _check_choice("grid", grid, tuple(GRIDS))
+        if final_sigma not in _FINAL_SIGMAS:
+            raise ValueError(f"final_sigma must be 'zero' (end at sigma = 0) or 'min' (end at t_min), got "
+                             f"{final_sigma!r} (diffusers' final_sigmas_type='sigma_min' is final_sigma='min').")
+        _check_number("flow_shift", flow_shift, 0.0)
+        _check_choice("variance_type", variance_type, _VARIANCE_TYPES)
+        _check_number("dynamic_thresholding_ratio", dynamic_thresholding_ratio, 0.0, 1.0, high_included=True)
+        _check_number("sample_max_value", sample_max_value, 0.0)
+        for name, value in (("rescale_betas_zero_snr", rescale_betas_zero_snr), ("use_flow_sigmas", use_flow_sigmas),
+                            ("use_dynamic_shifting", use_dynamic_shifting), ("thresholding", thresholding),
+                            ("check_finite", check_finite)):
+            _check_bool(name, value)
         if isinstance(plan, Plan):
             raise ValueError("The scheduler config holds a plan's file path (configs are JSON): save the plan with "
                              "plan.save('name.plan.json') and pass plan='name.plan.json'.")
@@ -156,26 +321,38 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             if not isinstance(plan, (str, os.PathLike)):
                 raise ValueError(f"plan must be the path of a plan file (str), got {type(plan).__name__}.")
             plan = os.fspath(plan)
-        self.register_to_config(solver=solver, solver_options=solver_options, grid_options=grid_options,
-                                trained_betas=trained_betas, plan=plan)
+        ems = solver_options.get("ems")
+        if isinstance(ems, str) and ems.startswith(_IN_MEMORY_EMS):
+            raise EMSError(f"solver_options['ems'] is {ems!r}: this config comes from a scheduler built with an EMS "
+                           "object, which a config cannot hold. Pass solver_options={'ems': ems_object} again, or "
+                           "save that scheduler with save_pretrained (it writes ems.safetensors beside the config) "
+                           "and load it with from_pretrained.")
+        in_config = {k: v for k, v in solver_options.items() if k != "ems" or not isinstance(v, EMS)}
+        in_config = _config_value("solver_options", in_config)
+        if isinstance(ems, EMS):
+            in_config["ems"] = f"{_IN_MEMORY_EMS} {ems.model!r}>"
+        self.register_to_config(solver=solver, solver_options=in_config, trained_betas=trained_betas, plan=plan,
+                                grid_options=_config_value("grid_options", grid_options))
+        # solver and solver_options are choices now, also where the class defaults made them: from_config of
+        # this live config must carry them over (as it does from a saved one).
+        self.register_to_config(_use_default_values=[k for k in self.config.get("_use_default_values", [])
+                                                     if k not in ("solver", "solver_options")])
 
-        if prediction_type not in _PREDICTION_TYPES:
-            raise ValueError(f"Unknown prediction_type {prediction_type!r}; valid: {', '.join(_PREDICTION_TYPES)}.")
-        if final_sigma not in _FINAL_SIGMAS:
-            raise ValueError(f"final_sigma must be 'zero' (end at sigma = 0) or 'min' (end at t_min), got "
-                             f"{final_sigma!r}.")
         self.solver = get_solver(solver, **solver_options)
         if self.solver.adaptive and plan is None:
             raise ValueError(f"Solver {solver!r} with options {solver_options} is adaptive: its evaluation times "
                              "are not known up front, so it cannot drive a diffusers pipeline. Use a fixed-grid "
                              "solver (e.g. 'dpmsolver++' with method='multistep').")
-        n = int(num_train_timesteps)
         if use_flow_sigmas:
             self.schedule = RectifiedFlow(t_min=1.0 / n, t_max=1.0 - 1.0 / n)
         else:
             betas = _betas(n, beta_start, beta_end, beta_schedule, trained_betas)
             self.schedule = DiscreteVP.from_alphas_cumprod(_alphas_cumprod(betas, rescale_betas_zero_snr))
-        self._convert = PREDICTIONS[_PREDICTION_TYPES[prediction_type]]
+        self._output = _ModelOutput(self.schedule, _PREDICTION_TYPES[prediction_type])
+        self._denoiser = self._output
+        if thresholding:
+            self._denoiser = _diffusers_thresholding(self._output, float(dynamic_thresholding_ratio),
+                                                     float(sample_max_value))
         self.plan = self._load_plan(plan) if plan is not None else None
         if self.plan is not None:
             self.solver = self.plan.solver()
@@ -185,12 +362,14 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             self._grid_options = grid_options
         elif grid_options:
             self._grid_options.update(grid_options)
+        make_grid(self.schedule, 1, self._grid_kind, **self._grid_options)  # refuse bad grid options now
 
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = None
         self.sigmas = None
         self._ts = None          # float64 grid of N + 1 times, the end included
+        self._network_ts = None  # float64 copy of timesteps (checked against the timestep given to step)
         self._denoise_to_zero = False  # a plan's final denoising evaluation (one timestep more than steps)
         self._begin_index = None
         self._reset()
@@ -227,22 +406,162 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """As ``ConfigMixin.from_config``; a flow-matching source config (``FlowMatch*`` class, or a DPM/UniPC
-        config with ``use_flow_sigmas``) turns on ``use_flow_sigmas`` with ``prediction_type='flow_prediction'``,
-        and its ``shift`` becomes ``flow_shift``. Keyword arguments override everything."""
+        """As ``ConfigMixin.from_config``, reading diffusers' options where dpmsolve has the equivalent.
+
+        - Solver: a preset (``UniPCScheduler``, ``DPMSolverPPMultistepScheduler``, ...) runs its own solver; it
+          keeps the config's ``solver_options`` only when they configure that same solver. The generic class
+          runs the config's ``solver``, else the one of diffusers' ``algorithm_type`` (``'dpmsolver++'``,
+          ``'dpmsolver'``, ``'sde-dpmsolver++'``), else its default. Where the options come from diffusers,
+          ``solver_order`` -> ``order`` (with diffusers' lower-order warm-up), ``solver_type`` midpoint / heun ->
+          ``'dpmsolver'`` / ``'taylor'`` (bh1 / bh2: UniPC's ``variant``), ``lower_order_final``, ``predict_x0``
+          and ``disable_corrector`` go to the solver if it takes them (``lower_order_final`` at every step count;
+          diffusers applies it below 15 steps only).
+        - Grid (unless the config or a keyword names one): ``use_karras_sigmas`` -> ``'karras'``,
+          ``use_lu_lambdas`` -> ``'logSNR'``, ``use_exponential_sigmas`` -> ``'exponential'``,
+          ``timestep_spacing='trailing'`` -> ``'time_uniform'`` ('linspace' / 'leading': dpmsolve's default grid);
+          ``final_sigmas_type`` -> ``final_sigma``. Timesteps are not rounded to integers (module docstring).
+        - A flow-matching source config (``FlowMatch*`` class, or a DPM/UniPC config with ``use_flow_sigmas``)
+          turns on ``use_flow_sigmas`` with ``prediction_type='flow_prediction'``; its ``shift`` becomes
+          ``flow_shift``.
+
+        Set options it cannot honour (``use_beta_sigmas``, a finite ``lambda_min_clipped``, ``euler_at_final``
+        with ``final_sigma='min'``, an ``algorithm_type`` without a dpmsolve solver, ...) draw ONE warning naming
+        each. Unknown values of the options it reads are errors listing the valid ones. Keyword arguments
+        override everything (diffusers' options are accepted as keywords too).
+        """
         if isinstance(config, Mapping):
-            config = dict(config)
-            source = str(config.get("_class_name", ""))  # present in loaded configs, not in live ones
-            flow_matching = source.startswith("FlowMatch") or (
-                not source and "shift" in config and "beta_start" not in config and "use_flow_sigmas" not in config)
-            if flow_matching:
-                config.setdefault("use_flow_sigmas", True)
-                config["prediction_type"] = "flow_prediction"
-                if "shift" in config and "flow_shift" not in config:
-                    config["flow_shift"] = float(config["shift"])
-            if config.get("use_flow_sigmas"):
-                config.setdefault("prediction_type", "flow_prediction")
+            config = cls._translate(dict(config), kwargs)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def _translate(cls, config: dict, kwargs: dict) -> dict:
+        """``config`` with diffusers' options (read from it and moved out of ``kwargs``) put into this
+        scheduler's keys; warns once about set options it cannot honour."""
+        # Keys a live config left at its class defaults are not choices (diffusers drops them the same way); the
+        # effective values of diffusers' options are read first.
+        defaulted = set(config.pop("_use_default_values", ()))
+        if "solver" in kwargs and kwargs["solver"] is None:   # solver=None: not a choice
+            del kwargs["solver"]
+        keywords = {k: kwargs.pop(k) for k in list(kwargs) if k in _DIFFUSERS_OPTIONS}
+        config.update(keywords)
+        found = {k: config[k] for k in _DIFFUSERS_OPTIONS if k in config}
+        full = dict(config)
+        for key in defaulted - set(keywords):
+            config.pop(key, None)
+        ignored = []
+
+        source = str(full.get("_class_name", ""))  # present in loaded configs, not in live ones
+        flow_matching = source.startswith("FlowMatch") or (
+            not source and "shift" in full and "beta_start" not in full and "use_flow_sigmas" not in full)
+        if flow_matching:
+            config.setdefault("use_flow_sigmas", True)
+            config["prediction_type"] = "flow_prediction"
+            if "shift" in full and "flow_shift" not in config:
+                config["flow_shift"] = float(full["shift"])
+        if config.get("use_flow_sigmas"):
+            config.setdefault("prediction_type", "flow_prediction")
+
+        for name, valid in (("algorithm_type", (*_ALGORITHMS, *_FOREIGN_ALGORITHMS)), ("solver_type", _SOLVER_TYPES),
+                            ("timestep_spacing", _SPACINGS), ("final_sigmas_type", _FINAL_SIGMAS_TYPES)):
+            if found.get(name) is not None:
+                _check_choice(name, found[name], tuple(valid))
+
+        # Solver and its options.
+        algorithm = found.get("algorithm_type")
+        given_solver, given = config.get("solver"), config.get("solver_options")
+        if cls._preset:
+            solver = cls._default_solver
+        else:
+            solver = given_solver or _ALGORITHMS.get(algorithm) or cls._default_solver
+            if algorithm in _FOREIGN_ALGORITHMS and not given_solver and "solver" not in kwargs:
+                ignored.append(f"algorithm_type={algorithm!r} (no dpmsolve solver; {solver!r} runs)")
+        solver = kwargs.get("solver") or solver
+        if given is not None and given_solver is None:   # options for the class's default solver
+            given_solver = cls._default_solver
+        config["solver"] = solver
+        if "solver_options" not in kwargs:
+            base = dict(cls._default_solver_options) if solver == cls._default_solver else {}
+            if given is not None and given_solver == solver and (
+                    not cls._preset or _same_solver(solver, dict(given), base)):
+                options = {**given, **cls._solver_options_from(keywords, solver, dict(given))}  # keywords win
+            else:
+                options = {**base, **cls._solver_options_from(found, solver, base)}
+            config["solver_options"] = options
+
+        # Grid and end.
+        grid_keywords = {"use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "timestep_spacing"}
+        grid_chosen = "grid" in kwargs or (config.get("grid") is not None and not grid_keywords & set(keywords))
+        if not grid_chosen:
+            grid = ("karras" if found.get("use_karras_sigmas") else "logSNR" if found.get("use_lu_lambdas") else
+                    "exponential" if found.get("use_exponential_sigmas") else
+                    _SPACINGS[found.get("timestep_spacing") or "linspace"])
+            if grid is not None:
+                if config.get("grid") not in (None, grid):
+                    config["grid_options"] = {}   # the old grid's options
+                config["grid"] = grid
+        if "final_sigmas_type" in found and "final_sigma" not in kwargs and (
+                "final_sigma" not in config or "final_sigmas_type" in keywords):
+            config["final_sigma"] = _FINAL_SIGMAS_TYPES[found["final_sigmas_type"]]
+        final = kwargs.get("final_sigma", config.get("final_sigma", "zero"))
+        if found.get("euler_at_final") and final != "zero":   # with 'zero' the last step is first order anyway
+            ignored.append("euler_at_final=True (final_sigma='min' ends with the solver's own order; pass "
+                           "solver_options={..., 'lower_order_final': True})")
+        for name, neutral in _NEUTRAL.items():
+            if found.get(name, neutral) != neutral and not (name == "use_beta_sigmas" and grid_chosen):
+                ignored.append(f"{name}={found[name]!r}")
+        if ignored:
+            warnings.warn(f"{cls.__name__}.from_config cannot honour these diffusers options and ignores them: "
+                          f"{'; '.join(ignored)}.", UserWarning, stacklevel=3)
+        return config
+
+    @staticmethod
+    def _solver_options_from(found: dict, solver: str, base: dict) -> dict:
+        """The options of ``solver`` that diffusers' solver settings in ``found`` ask for (those it takes)."""
+        options = {}
+        if "solver_order" in found:
+            options.update(order=_check_count("solver_order", found["solver_order"]), warmup="lower_order")
+        kind = _SOLVER_TYPES.get(found.get("solver_type"))
+        if kind is not None:
+            options[kind[0]] = kind[1]
+        if "lower_order_final" in found:
+            options["lower_order_final"] = bool(found["lower_order_final"])
+        if "predict_x0" in found:
+            options["predict"] = "data" if found["predict_x0"] else "noise"
+        if found.get("disable_corrector"):
+            options["disable_corrector"] = [int(k) for k in found["disable_corrector"]]
+        if not options:
+            return {}
+        params = _solver_params(solver, base)
+        return {k: v for k, v in options.items() if k in params}
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path=None, *args, **kwargs):
+        """As ``ConfigMixin.load_config``; DPM-Solver-v3 statistics saved beside the config (``ems.safetensors``,
+        see ``save_pretrained``) are read from that directory."""
+        out = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        options = config.get("solver_options")
+        ems = options.get("ems") if isinstance(options, dict) else None
+        if isinstance(ems, str) and pretrained_model_name_or_path is not None and not os.path.isabs(ems):
+            path = Path(os.fspath(pretrained_model_name_or_path)) / (kwargs.get("subfolder") or "") / ems
+            if path.is_file():
+                config["solver_options"] = {**options, "ems": str(path)}
+        return out
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
+        """As diffusers'; DPM-Solver-v3 statistics are written beside the config as ``ems.safetensors``, which the
+        saved config names (relative to the directory, so that the folder can move)."""
+        ems = getattr(self.solver, "ems", None)
+        if not isinstance(ems, EMS):
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        os.makedirs(save_directory, exist_ok=True)
+        ems.save(Path(save_directory) / EMS_FILE)
+        live = self._internal_dict
+        self._internal_dict = FrozenDict({**live, "solver_options": {**live["solver_options"], "ems": EMS_FILE}})
+        try:
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        finally:
+            self._internal_dict = live
 
     # --------------------------------------------------------------------------------------------- grid
 
@@ -321,6 +640,8 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
                 diffusers' Flux pipeline passes them; a trailing 0 is taken as the end of the grid.
             mu: with ``use_dynamic_shifting`` (flow), the grid shift becomes ``exp(mu)``; ignored otherwise.
         """
+        if num_inference_steps is not None:
+            num_inference_steps = _check_count("num_inference_steps", num_inference_steps)
         if self.plan is not None:
             self._set_plan_timesteps(num_inference_steps, device, timesteps, sigmas)
             return
@@ -332,18 +653,19 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             else:
                 raise ValueError("Pass exactly one of num_inference_steps, timesteps or sigmas.")
         if given[0] == "timesteps":
-            values = np.asarray(timesteps.cpu() if isinstance(timesteps, torch.Tensor) else timesteps,
-                                dtype=np.float64)
-            ts = self._append_end(self._time_from_network(values.reshape(-1)), "timesteps")
+            ts = self._append_end(self._time_from_network(_finite_values("timesteps", timesteps)), "timesteps")
         elif given[0] == "sigmas":
-            values = sigmas.cpu() if isinstance(sigmas, torch.Tensor) else sigmas
+            values = _finite_values("sigmas", sigmas)
+            if (values < 0).any():
+                raise ValueError(f"set_timesteps got negative sigmas {values.tolist()}; noise levels are >= 0 and "
+                                 "strictly decreasing (a trailing 0 ends the grid).")
             ts = self._append_end(self._time_from_sigmas(values), "sigmas")
         else:
             kind, options = self._grid_kind, dict(self._grid_options)
             if mu is not None and self.config.use_dynamic_shifting and self.config.use_flow_sigmas:
                 options["shift"] = float(math.exp(mu))
             t_end = 0.0 if self.config.final_sigma == "zero" else None
-            ts = make_grid(self.schedule, int(num_inference_steps), kind, t_end=t_end, **options)
+            ts = make_grid(self.schedule, num_inference_steps, kind, t_end=t_end, **options)
         self._set_grid(ts, device)
 
     def _set_grid(self, ts: np.ndarray, device, denoise_to_zero: bool = False):
@@ -353,7 +675,8 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         self._denoise_to_zero = denoise_to_zero
         evaluated = ts if denoise_to_zero else ts[:-1]
         self.num_inference_steps = evaluated.size
-        self.timesteps = torch.from_numpy(self._network_time(evaluated)).to(device=device, dtype=torch.float32)
+        self._network_ts = self._network_time(evaluated).astype(np.float32).astype(np.float64)  # = timesteps
+        self.timesteps = torch.from_numpy(self._network_ts).to(device=device, dtype=torch.float32)
         levels = self._noise_level(ts)
         levels = np.append(levels, 0.0) if denoise_to_zero else levels
         self.sigmas = torch.from_numpy(levels).to(torch.float32)  # on the CPU, as diffusers
@@ -366,8 +689,8 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"This scheduler runs the plan {path}, which holds its own times: explicit "
                              f"{'timesteps' if timesteps is not None else 'sigmas'} cannot be used with it. Tune or "
                              "write a plan for those times, or build the scheduler without plan.")
-        if num_inference_steps is not None and int(num_inference_steps) != plan.nfe:
-            raise ValueError(f"num_inference_steps={int(num_inference_steps)} disagrees with the plan {path}, which "
+        if num_inference_steps is not None and num_inference_steps != plan.nfe:
+            raise ValueError(f"num_inference_steps={num_inference_steps} disagrees with the plan {path}, which "
                              f"takes {plan.nfe} model evaluations ({len(plan.steps)} steps"
                              f"{' + a final denoising evaluation' if plan.denoise_to_zero else ''}); pass "
                              f"num_inference_steps={plan.nfe} (scheduler.plan.nfe) or None.")
@@ -420,6 +743,49 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         self._state = solver.init(self.schedule, self._ts[k:], x, self._solver_generator(generator, sample))
         self._x = x
 
+    def _check_timestep(self, timestep, k: int) -> None:
+        """Refuse a timestep that is not the next one of this run (a step repeated or skipped). The nearest entry of
+        ``timesteps`` identifies it, so a pipeline that passes it in another dtype is still understood."""
+        if timestep is None:
+            return
+        value = float(torch.as_tensor(timestep).reshape(-1)[0])
+        nearest = int(np.abs(self._network_ts - value).argmin())
+        if nearest == k:
+            return
+        taken = " (that step was already taken)" if nearest < k else ""
+        raise ValueError(f"step() got timestep {value:.6g} = timesteps[{nearest}]{taken}, but the next step of this "
+                         f"run is at timesteps[{k}] = {self._network_ts[k]:.6g}. Pass scheduler.timesteps in order, "
+                         "each once; call set_timesteps again to start a new run (and set_begin_index(i) before its "
+                         "first step to start at timesteps[i]).")
+
+    def _predict(self, model_output: torch.Tensor, x_eval: torch.Tensor, t: float, k: int) -> Prediction:
+        """Both predictions of the model output at grid time ``t``: learned-variance channels dropped, thresholding
+        applied, NaN / Inf refused (``check_finite``)."""
+        if model_output.shape != x_eval.shape:
+            shape, want = tuple(model_output.shape), tuple(x_eval.shape)
+            doubled = len(shape) == len(want) >= 2 and shape[0] == want[0] and shape[1] == 2 * want[1] \
+                and shape[2:] == want[2:]
+            if not (doubled and self.config.variance_type in _LEARNED_VARIANCE):
+                hint = (" It has twice the sample's channels, as a learned-variance model's output: set "
+                        "variance_type='learned_range' (or 'learned') in the scheduler config to drop them."
+                        if doubled else "")
+                raise ValueError(f"step() got a model_output of shape {shape} for a sample of shape {want}; it must "
+                                 f"be the model's prediction for that sample, of the same shape.{hint}")
+            model_output = model_output[:, :want[1]]
+        self._output.output = model_output
+        try:
+            pred = self._denoiser(x_eval, t)
+        finally:
+            self._output.output = None
+        if self.config.check_finite:
+            try:
+                _check_finite(pred, k + 1, t)
+            except NonFiniteError as err:
+                raise NonFiniteError(f"{err} (diffusers scheduler: step_index {k}, timestep "
+                                     f"{self._network_ts[k]:.6g}; check_finite=False in the scheduler config turns "
+                                     "this check off.)") from None
+        return pred
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, **kwargs) -> DPMSolveSchedulerOutput | tuple:
         """Consume the model output at ``timesteps[step_index]`` and return where to evaluate next.
@@ -428,6 +794,11 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         previous step returned (a sample changed in between, e.g. by a pipeline callback, is taken as the new
         solution at a completed step). ``generator`` seeds stochastic solvers (used on the first step only).
         Extra keyword arguments of other schedulers (``eta``, ``variance_noise``, ...) are ignored.
+
+        Refused with a ValueError: a ``timestep`` that is not the next of this run (a step repeated or skipped; the
+        nearest entry of ``timesteps`` identifies it), a ``model_output`` not of the sample's shape (with
+        ``variance_type='learned'`` / ``'learned_range'``, twice its channels: the first half is used). A model
+        output holding NaN or Inf raises :class:`~dpmsolve.NonFiniteError` (``check_finite``).
         """
         if self._ts is None:
             raise ValueError("Call set_timesteps before step.")
@@ -436,6 +807,7 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         k = self._step_index
         if k >= self.num_inference_steps:
             raise ValueError(f"All {self.num_inference_steps} steps have been taken; call set_timesteps again.")
+        self._check_timestep(timestep, k)
         in_dtype = sample.dtype
         work = torch.promote_types(in_dtype, torch.float32)
         if self._denoise_to_zero and k == self.num_inference_steps - 1:
@@ -450,8 +822,7 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
                 if state.anchor_index == state.i:
                     state = dataclasses.replace(state, x=self._x, x_eval=self._x)
         x_eval, t = self._x, solver.ask(state)[1]
-        a, s = self.schedule.alpha_sigma(t)
-        pred = Prediction(*self._convert(model_output.to(work), x_eval, a, s))
+        pred = self._predict(model_output, x_eval, t, k)
         state = solver.tell(state, pred)
         x_next = solver.current(state)[0] if solver.done(state) else solver.ask(state)[0]
         self._state, self._x = state, x_next
@@ -467,8 +838,8 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         if self._x is None:
             self._check_plan_shape(sample)
         x_eval = self._x if self._x is not None and sample is self._returned else sample.to(work)
-        a, s = self.schedule.alpha_sigma(float(self._ts[-1]))
-        x0 = Prediction(*self._convert(model_output.to(work), x_eval, a, s)).x0.to(sample.dtype)
+        x0 = self._predict(model_output, x_eval, float(self._ts[-1]), self.num_inference_steps - 1).x0
+        x0 = x0.to(sample.dtype)
         self._step_index = self.num_inference_steps
         self._x, self._returned = None, x0
         if not return_dict:
@@ -487,7 +858,16 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             if bool(hits.any(dim=1).all()):
                 ts = self._ts[hits.float().argmax(dim=1).cpu().numpy()]
         if ts is None:
-            ts = self._time_from_network(values.detach().cpu().to(torch.float64).numpy())
+            network = values.detach().cpu().to(torch.float64).numpy()
+            lo, hi = self._network_time(np.array([self.schedule.t_min, self.schedule.t_max]))
+            slack = 1e-4 * max(1.0, abs(hi))   # float32 round-off of valid values
+            bad = network[~((network >= lo - slack) & (network <= hi + slack))]
+            if bad.size:
+                raise ValueError(f"timesteps {bad.tolist()} are outside the network times [{lo:g}, {hi:g}] of this "
+                                 f"scheduler (num_train_timesteps={self.config.num_train_timesteps}; "
+                                 f"{'N t for a flow model' if self.config.use_flow_sigmas else 'train indices'}); "
+                                 "pass values of scheduler.timesteps or times inside that range.")
+            ts = self._time_from_network(network)
         ts = np.clip(ts, self.schedule.t_min, self.schedule.t_max)
         a, s = self.schedule.alpha(ts), self.schedule.sigma(ts)
         shape = (-1,) + (1,) * (like.dim() - 1)
@@ -512,6 +892,7 @@ class DDIMSolveScheduler(DPMSolveScheduler):
 
     _default_solver = "ddim"
     _default_solver_options: dict = {}
+    _preset = True
 
 
 class DPMSolverPPMultistepScheduler(DPMSolveScheduler):
@@ -519,6 +900,7 @@ class DPMSolverPPMultistepScheduler(DPMSolveScheduler):
 
     _default_solver = "dpmsolver++"
     _default_solver_options: dict = {"order": 2}
+    _preset = True
 
 
 class DPMSolverSinglestepScheduler(DPMSolveScheduler):
@@ -526,6 +908,7 @@ class DPMSolverSinglestepScheduler(DPMSolveScheduler):
 
     _default_solver = "dpmsolver++"
     _default_solver_options: dict = {"method": "singlestep", "order": 2, "split": "fixed"}
+    _preset = True
 
 
 class UniPCScheduler(DPMSolveScheduler):
@@ -533,3 +916,4 @@ class UniPCScheduler(DPMSolveScheduler):
 
     _default_solver = "unipc"
     _default_solver_options: dict = {"order": 2}
+    _preset = True

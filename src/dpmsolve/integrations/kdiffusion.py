@@ -79,6 +79,7 @@ the noise already scaled, so a custom node can return a sampler object built fro
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable
@@ -209,10 +210,19 @@ def _as_grid(sigmas) -> tuple[torch.Tensor, np.ndarray]:
     if sigmas.dim() != 1:
         raise ValueError(f"sigmas must be a 1-D tensor (k-diffusion's convention), got shape {tuple(sigmas.shape)}.")
     ts = sigmas.detach().to("cpu", torch.float64).numpy()
-    if ts.size and not np.all(np.isfinite(ts)):
-        raise ValueError("sigmas contains NaN or Inf.")
+    bad = np.flatnonzero(~np.isfinite(ts))
+    if bad.size:
+        raise ValueError(f"sigmas must be finite: sigmas[{bad[0]}] = {ts[bad[0]]} in {ts.tolist()}; they must be "
+                         "strictly decreasing to 0 (or to sigma_min), e.g. get_sigmas_karras(n, sigma_min, sigma_max).")
     if ts.size and (ts < 0).any():
         raise ValueError(f"sigmas must be >= 0, got {ts}.")
+    rising = np.flatnonzero(np.diff(ts) >= 0)
+    if rising.size:
+        i = int(rising[0])
+        raise ValueError(f"sigmas must be strictly decreasing to 0 (or to sigma_min): sigmas[{i}] = {ts[i]:g} is "
+                         f"followed by sigmas[{i + 1}] = {ts[i + 1]:g} in {ts.tolist()}. Reverse an increasing grid "
+                         "(sigmas.flip(0)), drop repeated values, or build one with get_sigmas_karras(n, sigma_min, "
+                         "sigma_max).")
     return sigmas, ts
 
 
@@ -340,8 +350,9 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
         raise ValueError("sample_dpm_adaptive supports eta = 0 only (adaptive DPM-Solver has no SDE form here).")
     del s_noise, noise_sampler  # accepted for k-diffusion compatibility; unused at eta = 0
     sigma_min, sigma_max = float(sigma_min), float(sigma_max)
-    if not (0 < sigma_min < sigma_max):
-        raise ValueError(f"sample_dpm_adaptive needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}.")
+    if not (0 < sigma_min < sigma_max < math.inf):
+        raise ValueError(f"sample_dpm_adaptive needs 0 < sigma_min < sigma_max (it integrates from sigma_max down to "
+                         f"sigma_min), got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}.")
     schedule = EDM(sigma_min=sigma_min, sigma_max=sigma_max)
     options = {"method": "adaptive", "order": order, "rtol": rtol, "atol": atol, "h_init": h_init, **options}
     solver = get_solver("dpmsolver", **options)
@@ -413,11 +424,15 @@ def _to_tensor(sigmas: np.ndarray, device, dtype) -> torch.Tensor:
                                                            dtype=dtype or torch.get_default_dtype())
 
 
-def _edm_sigmas(n: int, sigma_min: float, sigma_max: float, kind: str, device, dtype, **options) -> torch.Tensor:
+def _edm_sigmas(name: str, n: int, sigma_min: float, sigma_max: float, kind: str, device, dtype,
+                **options) -> torch.Tensor:
     """k-diffusion's layout: ``n`` sigmas from sigma_max down to sigma_min (a ``kind`` grid of ``n - 1``
-    intervals on the EDM schedule), then 0."""
+    intervals on the EDM schedule), then 0. ``name``: the helper, for error messages."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}.")
+    if not (0 < float(sigma_min) < float(sigma_max) < math.inf):
+        raise ValueError(f"{name} needs 0 < sigma_min < sigma_max (the sigmas decrease from sigma_max to sigma_min, "
+                         f"then 0), got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}.")
     if n == 1:
         body = np.array([float(sigma_max)])
     else:
@@ -429,14 +444,14 @@ def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7
                       dtype: torch.dtype | None = None) -> torch.Tensor:
     """Karras et al. (2022) sigmas, as k-diffusion's ``get_sigmas_karras``: ``n`` values uniform in
     ``sigma^(1/rho)`` from ``sigma_max`` to ``sigma_min``, then 0 (``dtype`` default: torch's default dtype)."""
-    return _edm_sigmas(n, sigma_min, sigma_max, "karras", device, dtype, rho=rho)
+    return _edm_sigmas("get_sigmas_karras", n, sigma_min, sigma_max, "karras", device, dtype, rho=rho)
 
 
 def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float, device="cpu",
                            dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sigmas uniform in log sigma (= uniform in log-SNR), as k-diffusion's ``get_sigmas_exponential``:
     ``n`` values from ``sigma_max`` to ``sigma_min``, then 0."""
-    return _edm_sigmas(n, sigma_min, sigma_max, "exponential", device, dtype)
+    return _edm_sigmas("get_sigmas_exponential", n, sigma_min, sigma_max, "exponential", device, dtype)
 
 
 get_sigmas_logsnr = get_sigmas_exponential
