@@ -10,9 +10,17 @@ def test_demo_runs_and_writes_pngs(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     torch.set_default_dtype(torch.float32)  # as a user runs it
     threads = torch.get_num_threads()
-    assert main(["demo", "--samples", "50", "--patches", "4", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--mixture-samples", "50", "--patches", "4", "--out", str(tmp_path)]) == 0
     assert torch.get_num_threads() == threads  # the demo's single thread is restored
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # progress on stderr (not a terminal here), one line per model and solver, and the elapsed time at the end
+    progress = captured.err.splitlines()
+    assert all(line.startswith("demo [") for line in progress) and len(progress) >= 20
+    assert any("digits: reference solution" in line for line in progress)
+    assert any("patches: DPM-Solver++ 2M" in line for line in progress)
+    assert any("mixture: DDIM" in line for line in progress)
+    assert out.rstrip().splitlines()[-1].startswith("Done in ")
     assert "Shipped digits model" in out and "Analytic 8-mode Gaussian mixture" in out
     assert "Shipped patches model (4 patches" in out and "patches distance" in out
     for name in ("demo.png", "demo_patches.png", "demo_mixture.png"):
@@ -25,3 +33,11 @@ def test_demo_runs_and_writes_pngs(tmp_path, capsys):
     assert "| accuracy / digits-FD |" in out and "| distance |" in out
     held_out = [row for row in out.splitlines() if row.startswith("| held-out data")]
     assert len(held_out) == 2 and held_out[0].split("|")[2].strip().startswith("100%")
+
+
+def test_demo_help_says_what_the_counts_count(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--mixture-samples N" in out and "8-mode Gaussian mixture" in out and "(default: 1000)" in out
+    assert "samples drawn from the patches model (default: 20)" in out

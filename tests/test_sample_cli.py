@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -263,3 +264,81 @@ def test_plan_errors(tmp_path, ddpm_dir, capsys):
     wide = str(_mixed_plan(dp.DiscreteVP.linear(), (4, 8, 8)).save(tmp_path / "wide.plan.json"))
     fails([str(ddpm_dir), "--plan", wide], "shape")         # the pipeline's latents: (3, 8, 8)
     assert not (tmp_path / "never").exists()
+
+
+# ----- help, --upscale, --device
+
+def test_help_mentions_model_upscale_and_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model MODEL" in out and "shipped model (--model digits)" in out
+    assert "upscaled --upscale times" in out and "(default: 4)" in out and "dpmsolve sample --model digits" in out
+
+
+def test_model_output_says_upscaled_and_upscale_option(tmp_path, capsys):
+    assert main(["sample", "--model", "digits", "--steps", "3", "--batch", "1", "--out", str(tmp_path / "a")]) == 0
+    assert "of 32x32 pixels (8x8 samples upscaled 4x)" in capsys.readouterr().out
+    assert main(["sample", "--model", "digits", "--steps", "3", "--batch", "1", "--upscale", "1",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert "of 8x8 pixels to" in capsys.readouterr().out
+    assert _pngs(tmp_path / "b")[1][0].shape == (8, 8, 3)
+    assert np.array_equal(_pngs(tmp_path / "a")[1][0][::4, ::4], _pngs(tmp_path / "b")[1][0])
+
+
+def test_model_honours_device(tmp_path, monkeypatch, capsys):
+    """--device reaches the network, the noise and the labels (the meta device exists on every torch build)."""
+    import dpmsolve.sampling
+    from dpmsolve import zoo
+
+    loaded, seen = [], {}
+    real_load = zoo.load
+
+    def load(name):
+        loaded.append(real_load(name))
+        return loaded[-1]
+
+    def guided(model, labels, scale):
+        seen["labels"] = labels.device
+        return model.denoiser
+
+    def fake_sample(denoiser, x, *args, **kwargs):
+        seen["x"] = x.device
+        return SimpleNamespace(x=torch.zeros(x.shape), nfe=3)
+
+    monkeypatch.setattr(zoo, "load", load)
+    monkeypatch.setattr(zoo, "guided", guided)
+    monkeypatch.setattr(dpmsolve.sampling, "sample", fake_sample)
+    assert main(["sample", "--model", "digits", "--steps", "3", "--batch", "2", "--device", "meta",
+                 "--out", str(tmp_path)]) == 0
+    assert seen == {"x": torch.device("meta"), "labels": torch.device("meta")}
+    assert next(loaded[0].net.parameters()).device == torch.device("meta")
+    assert "on meta" in capsys.readouterr().out
+
+
+def test_unavailable_device_is_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--model", "digits", "--device", "cuda", "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("dpmsolve: error: --device cuda is not available here")
+    assert not (tmp_path / "never").exists()
+
+
+def test_pipeline_run_prints_no_third_party_warnings(ddpm_dir, tmp_path):
+    """In a fresh process with every warning shown (-W default): no diffusers deprecation / config / logger
+    chatter on stderr (diffusers' logger says "Cannot initialize model with low cpu memory usage ... accelerate")."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-W", "default", "-m", "dpmsolve", "sample", str(ddpm_dir), "--steps", "2",
+                           "--batch", "1", "--out", str(tmp_path / "out"), "--device", "cpu"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Wrote 1 image(s)" in proc.stdout
+    assert "Warning" not in proc.stderr and "accelerate" not in proc.stderr, proc.stderr
+    assert "deprecat" not in proc.stderr.lower() and "config attributes" not in proc.stderr

@@ -1,4 +1,10 @@
-"""dpmsolve: fast, training-free samplers for diffusion and flow models (DPM-Solver family and peers)."""
+"""dpmsolve: fast, training-free samplers for diffusion and flow models (DPM-Solver family and peers).
+
+The subpackages ``dpmsolve.zoo``, ``dpmsolve.lab`` and ``dpmsolve.integrations`` are imported on first use
+(``dpmsolve.zoo.load(...)`` works after a plain ``import dpmsolve``), so ``import dpmsolve`` stays fast.
+"""
+
+import importlib as _importlib
 
 from .grids import GRIDS as GRIDS, check_grid as check_grid, make_grid as make_grid
 from .model import (
@@ -39,3 +45,16 @@ from .solvers import (
 )
 
 __version__ = "0.1.0"
+
+_LAZY_SUBPACKAGES = ("integrations", "lab", "zoo")
+
+
+def __getattr__(name: str):
+    """Import ``zoo``, ``lab`` and ``integrations`` on first access (PEP 562)."""
+    if name in _LAZY_SUBPACKAGES:
+        return _importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBPACKAGES))

@@ -7,12 +7,14 @@ mixture (a ring of eight modes) under the DDPM linear schedule, whose exact ODE 
 rtol 1e-10. Besides the error, the trained models' samples are scored: digits by the shipped classifier's class
 accuracy and digits-FD, patches by the multi-scale sliced Wasserstein distance to real patches
 (:mod:`dpmsolve.zoo.metrics`), with real data, the reference and blurred noise scored the same way for scale.
-The demo runs with one CPU thread (its batches are tiny; more threads only add overhead and contention).
+The demo runs with one CPU thread (its batches are tiny; more threads only add overhead and contention); it
+prints a progress line per model and solver on stderr and takes about 1.5-2 minutes on a laptop CPU.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +59,15 @@ class DemoResult:
     reference_steps: int = REFERENCE_STEPS
 
 
-def run_demo(n: int = 1000, nfes=DEMO_NFES, seed: int = 0, grid: str = "logSNR") -> DemoResult:
+def _quiet(message: str) -> None:
+    pass
+
+
+def run_demo(n: int = 1000, nfes=DEMO_NFES, seed: int = 0, grid: str = "logSNR", log=_quiet) -> DemoResult:
+    """The analytic 8-mode mixture, ``n`` samples, every solver against the exact solution (``log``: a
+    callable taking one progress line per stage)."""
     start = time.perf_counter()
+    log("mixture: exact ODE solution (DOP853)")
     problem, schedule = ring_mixture(), DiscreteVP.linear()
     generator = torch.Generator().manual_seed(seed)
     x_T = torch.randn((n, 2), generator=generator, dtype=torch.float64)
@@ -72,12 +81,15 @@ def run_demo(n: int = 1000, nfes=DEMO_NFES, seed: int = 0, grid: str = "logSNR")
             rmse = float(torch.sqrt(((result.x - reference) ** 2).mean()))
             table.append((label, nfe, result.nfe, rmse))
             samples[(label, nfe)] = result.x.numpy()
+        log(f"mixture: {label}")
     return DemoResult(table, samples, reference.numpy(), time.perf_counter() - start)
 
 
-def _solve_all(denoiser, x_T, nfes, reference_steps: int, metrics=None, solvers=DEMO_SOLVERS) -> DemoResult:
+def _solve_all(denoiser, x_T, nfes, reference_steps: int, metrics=None, solvers=DEMO_SOLVERS,
+               log=_quiet) -> DemoResult:
     """Every demo solver at every NFE from ``x_T`` to sigma = 0, against a 3M reference of ``reference_steps``."""
     start = time.perf_counter()
+    log(f"reference solution (3M, {reference_steps} steps)")
     reference = sample(denoiser, x_T, "dpmsolver++", order=3, solver_type="taylor", steps=reference_steps,
                        t_end=0.0, progress=False).x
     table, samples, quality = [], {}, {}
@@ -95,6 +107,7 @@ def _solve_all(denoiser, x_T, nfes, reference_steps: int, metrics=None, solvers=
             samples[(label, nfe)] = result.x.numpy()
             if metrics is not None:
                 quality[(label, nfe)] = metrics(result.x)
+        log(label)
     baselines = {} if metrics is None else {"reference": metrics(reference)}
     return DemoResult(table, samples, reference.numpy(), time.perf_counter() - start, quality, baselines,
                       reference_steps)
@@ -118,7 +131,8 @@ def _zoo_solvers(name: str, guidance: float | None) -> list:
     return solvers + [("tuned plan (zoo.plan)", tuned, {})]
 
 
-def run_digits_demo(nfes=DEMO_NFES, seed: int = 0, scale: float = 3.0, quality: bool = True) -> DemoResult:
+def run_digits_demo(nfes=DEMO_NFES, seed: int = 0, scale: float = 3.0, quality: bool = True,
+                    log=_quiet) -> DemoResult:
     """The shipped digits model, guided, two of each digit, every solver from the same noise to sigma = 0;
     with ``quality``, the class accuracy and digits-FD of each solver's 20 samples."""
     from . import zoo
@@ -137,7 +151,8 @@ def run_digits_demo(nfes=DEMO_NFES, seed: int = 0, scale: float = 3.0, quality: 
 
     # Reference: third-order DPM-Solver++ with 200 steps (it differs from a 400-step solve by 6e-4 RMSE, far below
     # the errors the demo shows); the adaptive solver needs ~1500 evaluations for rtol 1e-4 on this network.
-    result = _solve_all(denoiser, x_T, nfes, REFERENCE_STEPS, metrics, _zoo_solvers("digits", scale))
+    result = _solve_all(denoiser, x_T, nfes, REFERENCE_STEPS, metrics, _zoo_solvers("digits", scale),
+                        lambda message: log(f"digits: {message}"))
     if quality:
         from .zoo.metrics import blurred_digits
         from .zoo.train import digits_data
@@ -151,7 +166,7 @@ def run_digits_demo(nfes=DEMO_NFES, seed: int = 0, scale: float = 3.0, quality: 
     return result
 
 
-def run_patches_demo(nfes=DEMO_NFES, seed: int = 0, n: int = 20, quality: bool = True) -> DemoResult:
+def run_patches_demo(nfes=DEMO_NFES, seed: int = 0, n: int = 20, quality: bool = True, log=_quiet) -> DemoResult:
     """The shipped patches model, ``n`` samples, every solver from the same noise to sigma = 0; with ``quality``,
     the patches distance (multi-scale sliced Wasserstein to real training patches) of each solver's samples."""
     from . import zoo
@@ -169,7 +184,8 @@ def run_patches_demo(nfes=DEMO_NFES, seed: int = 0, n: int = 20, quality: bool =
 
     # Reference: 3M with 200 steps (8e-4 RMSE from an 800-step solve: the jump to sigma = 0 makes the
     # convergence first order in the step count; still far below the errors shown at 20 NFE).
-    result = _solve_all(model.denoiser, x_T, nfes, PATCHES_REFERENCE_STEPS, metrics, _zoo_solvers("patches", None))
+    result = _solve_all(model.denoiser, x_T, nfes, PATCHES_REFERENCE_STEPS, metrics, _zoo_solvers("patches", None),
+                        lambda message: log(f"patches: {message}"))
     if quality:
         real = patches_data("test")
         real = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]]
@@ -305,38 +321,50 @@ def plot_demo(result: DemoResult, path: Path, nfes=DEMO_NFES) -> Path:
     return _save(fig, path)
 
 
-def main(out: str = "dpmsolve-demo", n: int = 1000, plot: bool = True, patches: int = 20) -> DemoResult:
+def main(out: str = "dpmsolve-demo", n: int = 1000, plot: bool = True, patches: int = 20,
+         progress: bool = True) -> DemoResult:
+    """Run the three demos, print their tables (stdout), progress lines (stderr, with ``progress``) and the
+    elapsed time, and with ``plot`` write ``demo.png``, ``demo_patches.png`` and ``demo_mixture.png`` to ``out``."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)   # tiny batches: one thread is fastest, and a busy machine does not slow it down
     try:
-        return _main(out, n, plot, patches)
+        return _main(out, n, plot, patches, progress)
     finally:
         torch.set_num_threads(previous)
 
 
-def _main(out, n, plot, patches_n):
-    digits = run_digits_demo()
+def _main(out, n, plot, patches_n, progress=True):
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        if progress:   # one line per stage, also when stderr is not a terminal
+            print(f"demo [{time.perf_counter() - start:4.0f} s] {message}", file=sys.stderr, flush=True)
+
+    log("digits: loading the model")
+    digits = run_digits_demo(log=log)
     print("Shipped digits model (guidance 3, 20 images): RMSE against the reference solution, sigma = 0:\n")
     print(format_table(digits))
     print("\nits samples: class accuracy (shipped classifier) / digits-FD to the training digits (20 images each):\n")
     print(format_quality(digits))
-    patches = run_patches_demo(n=patches_n)
+    log("patches: loading the model")
+    patches = run_patches_demo(n=patches_n, log=log)
     print(f"\nShipped patches model ({patches_n} patches of 32x32 RGB): RMSE against the reference solution, "
           "sigma = 0:\n")
     print(format_table(patches))
     print(f"\nits samples: patches distance (multi-scale sliced Wasserstein to real training patches, {patches_n} "
           "patches each; lower is better):\n")
     print(format_quality(patches))
-    result = run_demo(n=n)
+    result = run_demo(n=n, log=log)
     print(f"\nAnalytic 8-mode Gaussian mixture ({n} samples, logSNR grid): RMSE against the exact ODE solution:\n")
     print(format_table(result))
-    print(f"\n(computed in {digits.seconds + patches.seconds + result.seconds:.1f} s)")
     if plot:
+        log("plotting")
         try:
             paths = [plot_digits(digits, Path(out) / "demo.png"), plot_patches(patches, Path(out) / "demo_patches.png"),
                      plot_demo(result, Path(out) / "demo_mixture.png")]
         except ImportError:
             print("matplotlib is not installed: no plot (pip install 'dpmsolve[plot]').")
         else:
-            print("Wrote " + ", ".join(str(p.resolve()) for p in paths))
+            print("\nWrote " + ", ".join(str(p.resolve()) for p in paths))
+    print(f"\nDone in {time.perf_counter() - start:.0f} s.")
     return result

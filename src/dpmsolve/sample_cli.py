@@ -1,6 +1,10 @@
-"""``dpmsolve sample``: images from a diffusers pipeline saved on disk, sampled by a dpmsolve solver.
+"""``dpmsolve sample``: images from a shipped model or a diffusers pipeline saved on disk, sampled by a dpmsolve
+solver.
 
-The pipeline is loaded offline with ``DiffusionPipeline.from_pretrained(PIPELINE_DIR)``; its scheduler is replaced
+``--model NAME`` samples a model shipped with dpmsolve (:mod:`dpmsolve.zoo`) with ``dp.sample`` and writes each
+sample as a PNG upscaled ``--upscale`` times (default 4: the 8x8 digits become 32x32 images).
+
+A pipeline is loaded offline with ``DiffusionPipeline.from_pretrained(PIPELINE_DIR)``; its scheduler is replaced
 by :class:`~dpmsolve.integrations.diffusers.DPMSolveScheduler` built from the pipeline's own scheduler config (so
 the model's noise schedule and prediction type are kept) with the chosen solver, grid and end; the pipeline then
 runs as usual (with its own progress bar) and every image is written as a PNG.
@@ -21,21 +25,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli import UsageError, at_least, check_out_dir, require
+
 __all__ = ["SampleError", "add_arguments", "run_from_args", "sample_pipeline", "sample_zoo", "NO_PIPELINE_MESSAGE"]
+
+EXAMPLES = """examples:
+    dpmsolve sample --model digits --guidance 3 --steps 10
+    dpmsolve sample ./my-ddpm-pipeline --steps 20 --out samples
+    dpmsolve sample --model digits --plan digits-8nfe.plan.json"""
 
 NO_PIPELINE_MESSAGE = (
     "dpmsolve sample: say what to sample: a model shipped with dpmsolve (--model digits) or the directory of a "
-    "diffusers pipeline saved with save_pretrained, e.g.\n"
-    "    dpmsolve sample --model digits --guidance 3 --steps 10\n"
-    "    dpmsolve sample ./my-ddpm-pipeline --steps 20 --out samples\n"
-    "    dpmsolve sample --model digits --plan digits-8nfe.plan.json")
+    "diffusers pipeline saved with save_pretrained, e.g.\n" + EXAMPLES.split("\n", 1)[1])
 
 
-class SampleError(ValueError):
+class SampleError(UsageError):
     """A problem with the arguments or the pipeline directory, reported to the user without a traceback."""
 
 
@@ -44,7 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pipeline_dir", nargs="?", default=None, metavar="PIPELINE_DIR",
                         help="a diffusers pipeline saved on disk (save_pretrained; loaded offline)")
     parser.add_argument("--model", default=None,
-                        help="a model shipped with dpmsolve instead of a pipeline (see dpmsolve.zoo.MODELS)")
+                        help="a model shipped with dpmsolve instead of a pipeline: digits, digits-flow, patches "
+                             "(PNGs upscaled --upscale times)")
+    parser.add_argument("--upscale", type=int, default=4, metavar="N",
+                        help="--model only: each sample pixel becomes N x N PNG pixels (nearest neighbour; "
+                             "1 = the model's resolution)")
     parser.add_argument("--label", type=int, default=None,
                         help="class label for a class-conditional --model (default: cycle through the classes)")
     parser.add_argument("--solver", default=None,
@@ -61,44 +74,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", default=None, metavar="FILE",
                         help="a tuned plan file (dpmsolve.tune, Plan.save) to sample with, instead of --solver, "
                              "--order, --grid, --steps and --final")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the start noise (default 0)")
-    parser.add_argument("--batch", type=int, default=4, help="number of images (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the start noise")
+    parser.add_argument("--batch", type=int, default=4, help="number of images")
     parser.add_argument("--prompt", default=None, help="text prompt (text-to-image pipelines only)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (text-to-image pipelines: default 7.5; --model: 3)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--out", default="dpmsolve-samples", help="folder for the PNGs (default ./dpmsolve-samples)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if "
+                                                       "available, else cpu)")
+    parser.add_argument("--out", default="dpmsolve-samples", help="folder for the PNGs")
 
 
-def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Run ``dpmsolve sample`` for parsed ``args``; argument and pipeline problems go to ``parser.error``."""
+def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run ``dpmsolve sample`` for parsed ``args``; problems are raised as :class:`SampleError` (the command
+    line reports them as one line). ``parser`` is unused (kept for callers that pass it)."""
     if args.pipeline_dir is None and args.model is None:
         print(NO_PIPELINE_MESSAGE, file=sys.stderr)
         return 2
-    try:
-        if args.plan is not None:
-            given = [f"--{name}" for name in ("solver", "order", "grid", "steps", "final")
-                     if getattr(args, name) is not None]
-            if given:
-                raise SampleError(f"--plan holds its own times and step settings: give no {' / '.join(given)} "
-                                  "with it.")
-        method = dict(solver=args.solver or "dpmsolver++", order=args.order, grid=args.grid,
-                      steps=20 if args.steps is None else args.steps, final=args.final or "zero", plan=args.plan)
-        if args.model is not None:
-            if args.pipeline_dir is not None or args.prompt is not None:
-                raise SampleError("--model samples a shipped model: give no PIPELINE_DIR and no --prompt.")
-            paths = sample_zoo(args.model, **method, seed=args.seed, batch=args.batch, label=args.label,
-                               guidance=args.guidance, out=args.out)
-        else:
-            paths = sample_pipeline(args.pipeline_dir, **method, seed=args.seed, batch=args.batch,
-                                    prompt=args.prompt, guidance=args.guidance, out=args.out, device=args.device)
-    except SampleError as exc:
-        parser.error(str(exc))  # exits with status 2
+    if args.plan is not None:
+        given = [f"--{name}" for name in ("solver", "order", "grid", "steps", "final")
+                 if getattr(args, name) is not None]
+        if given:
+            raise SampleError(f"--plan holds its own times and step settings: give no {' / '.join(given)} with it.")
+    if args.model is not None and (args.pipeline_dir is not None or args.prompt is not None):
+        raise SampleError("--model samples a shipped model: give no PIPELINE_DIR and no --prompt.")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise SampleError(f"--guidance must be a finite number, got {args.guidance}.")
+    if args.model is None and args.upscale != 4:
+        raise SampleError("--upscale applies to --model only (a pipeline's images are written as it makes them).")
+    check_out_dir(args.out)
+    require("PIL", "writing the PNG images")
+    if args.model is None:
+        require("diffusers", "sampling a diffusers pipeline")
+    method = dict(solver=args.solver or "dpmsolver++", order=args.order, grid=args.grid,
+                  steps=20 if args.steps is None else args.steps, final=args.final or "zero", plan=args.plan)
+    if args.model is not None:
+        paths = sample_zoo(args.model, **method, seed=args.seed, batch=args.batch, label=args.label,
+                           guidance=args.guidance, out=args.out, device=args.device, upscale=args.upscale)
+    else:
+        paths = sample_pipeline(args.pipeline_dir, **method, seed=args.seed, batch=args.batch,
+                                prompt=args.prompt, guidance=args.guidance, out=args.out, device=args.device)
     size = _image_size(paths[0]) if paths else None
-    print(f"Wrote {len(paths)} image(s)" + (f" of {size[0]}x{size[1]} pixels" if size else "")
+    upscaled = (f" ({size[0] // args.upscale}x{size[1] // args.upscale} samples upscaled {args.upscale}x)"
+                if size and args.model is not None and args.upscale != 1 else "")
+    print(f"Wrote {len(paths)} image(s)" + (f" of {size[0]}x{size[1]} pixels" if size else "") + upscaled
           + f" to {Path(args.out)}/ ({paths[0].name if paths else ''}"
           + (f" ... {paths[-1].name}" if len(paths) > 1 else "") + ")")
     return 0
+
+
+def resolve_device(device: str | None) -> str:
+    """``device``, checked to be usable here (default: cuda if available, else cpu); a :class:`SampleError`
+    saying why when it is not."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=torch.device(device))
+    except (RuntimeError, AssertionError, ValueError) as exc:   # torch built without CUDA raises AssertionError
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise SampleError(f"--device {device} is not available here ({reason}).") from None
+    return device
 
 
 def _image_size(path: Path):
@@ -133,9 +169,9 @@ def _solver_options(solver: str, order: int | None) -> dict[str, Any]:
 def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = None, grid: str | None = None,
                steps: int = 20, final: str = "zero", seed: int = 0, batch: int = 4, label: int | None = None,
                guidance: float | None = None, out: str | Path = "dpmsolve-samples",
-               plan: str | Path | None = None) -> list[Path]:
+               plan: str | Path | None = None, device: str | None = None, upscale: int = 4) -> list[Path]:
     """Sample a shipped model natively with ``dp.sample`` (classifier-free guidance for class-conditional
-    models) and write one PNG per image, upscaled 4x with nearest neighbours.
+    models) on ``device`` and write one PNG per image, upscaled ``upscale`` times with nearest neighbours.
 
     ``plan``: the path of a plan file, sampled with instead of ``solver`` / ``order`` / ``grid`` / ``steps`` /
     ``final`` (which are then ignored), after checking it against the model's schedule, sample shape and identity."""
@@ -146,21 +182,24 @@ def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = No
 
     if name not in zoo.MODELS:
         raise SampleError(f"--model {name}: unknown; shipped models: {', '.join(zoo.MODELS)}.")
-    if steps < 1 or batch < 1:
-        raise SampleError("--steps and --batch must be >= 1.")
+    for option, value in (("--steps", steps), ("--batch", batch), ("--upscale", upscale)):
+        at_least(option, value, 1)
+    device = resolve_device(device)
     model = zoo.load(name)
+    model.net.to(device)
     if model.num_classes == 0:   # unconditional (patches)
         if label is not None or guidance is not None:
             raise SampleError(f"--model {name} is unconditional: it takes no --label and no --guidance.")
         labels, denoiser = None, model.denoiser
     else:
         if label is not None and not 0 <= label < model.num_classes:
-            raise SampleError(f"--label must be in [0, {model.num_classes - 1}] for {name}.")
+            raise SampleError(f"--label must be in [0, {model.num_classes - 1}] for {name}, got {label}.")
         labels = torch.full((batch,), label) if label is not None else torch.arange(batch) % model.num_classes
-        denoiser = zoo.guided(model, labels, 3.0 if guidance is None else guidance)
-    x = torch.randn((batch, *model.shape), generator=torch.Generator().manual_seed(seed))
+        denoiser = zoo.guided(model, labels.to(device), 3.0 if guidance is None else guidance)
+    # drawn on the host: a seed gives the same noise on every device
+    x = torch.randn((batch, *model.shape), generator=torch.Generator().manual_seed(seed)).to(device)
     if plan is not None:
-        return _sample_zoo_plan(name, model, denoiser, x, labels, guidance, seed, plan, out)
+        return _sample_zoo_plan(name, model, denoiser, x, labels, guidance, seed, plan, out, upscale, device)
     options = _solver_options(solver, order)
     if solver == "dpmsolver-v3":   # the statistics shipped for this model and guidance scale, recommended settings
         scale = None if model.num_classes == 0 else (3.0 if guidance is None else guidance)
@@ -174,10 +213,11 @@ def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = No
                         seed=seed, **options)
     except ValueError as exc:
         raise SampleError(str(exc)) from None
-    paths = _write_zoo_images(result.x, labels, out)
+    paths = _write_zoo_images(result.x, labels, out, upscale)
     shown = {k: v for k, v in options.items() if k != "ems"}
     print(f"{name}: {solver} {shown}, {steps} NFE ({result.nfe} used), "
-          + ("unconditional" if labels is None else f"guidance {3.0 if guidance is None else guidance}"))
+          + ("unconditional" if labels is None else f"guidance {3.0 if guidance is None else guidance}")
+          + f", on {device}")
     return paths
 
 
@@ -203,7 +243,7 @@ def _model_identity(denoiser) -> str | None:
     return model_identity(denoiser) or None
 
 
-def _sample_zoo_plan(name, model, denoiser, x, labels, guidance, seed, plan_path, out) -> list[Path]:
+def _sample_zoo_plan(name, model, denoiser, x, labels, guidance, seed, plan_path, out, upscale, device) -> list[Path]:
     from .sampling import sample
 
     plan = _load_plan(plan_path, model.schedule, model.shape, _model_identity(denoiser))
@@ -211,26 +251,27 @@ def _sample_zoo_plan(name, model, denoiser, x, labels, guidance, seed, plan_path
         result = sample(denoiser, x, plan, seed=seed)
     except ValueError as exc:
         raise SampleError(str(exc)) from None
-    paths = _write_zoo_images(result.x, labels, out)
+    paths = _write_zoo_images(result.x, labels, out, upscale)
     print(f"{name}: plan {plan_path} ({' '.join(s.short() for s in plan.steps)}), {plan.nfe} NFE "
           f"({result.nfe} used), "
-          + ("unconditional" if labels is None else f"guidance {3.0 if guidance is None else guidance}"))
+          + ("unconditional" if labels is None else f"guidance {3.0 if guidance is None else guidance}")
+          + f", on {device}")
     return paths
 
 
-def _write_zoo_images(x, labels, out) -> list[Path]:
-    """One PNG per sample of ``x`` (in [-1, 1]), upscaled 4x with nearest neighbours."""
+def _write_zoo_images(x, labels, out, upscale: int = 4) -> list[Path]:
+    """One PNG per sample of ``x`` (in [-1, 1]), upscaled ``upscale`` times with nearest neighbours."""
     import numpy as np
     import torch
     from PIL import Image
 
-    images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    images = ((x.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, img in enumerate(images):
         pixels = np.kron(img.reshape(img.shape[-2:]) if img.shape[0] == 1 else img.transpose(1, 2, 0),
-                         np.ones((4, 4) if img.shape[0] == 1 else (4, 4, 1), dtype=np.uint8))
+                         np.ones((upscale, upscale) if img.shape[0] == 1 else (upscale, upscale, 1), dtype=np.uint8))
         path = out / (f"sample_{i:04d}.png" if labels is None else f"sample_{i:04d}_label{int(labels[i])}.png")
         Image.fromarray(pixels).save(path)
         paths.append(path)
@@ -287,6 +328,7 @@ def sample_pipeline(pipeline_dir: str | Path, *, solver: str = "dpmsolver++", or
     and latent shape."""
     if batch < 1:
         raise SampleError(f"--batch must be >= 1, got {batch}.")
+    device = resolve_device(device)
     if plan is None:
         if steps < 1:
             raise SampleError(f"--steps must be >= 1, got {steps}.")
@@ -349,7 +391,6 @@ def sample_pipeline(pipeline_dir: str | Path, *, solver: str = "dpmsolver++", or
         except (ValueError, TypeError) as exc:
             raise SampleError(f"could not build the dpmsolve scheduler: {exc}") from None
         pipe.scheduler = scheduler
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = pipe.to(device)
         if plan is None:
             method = (f"{solver} {options or ''} on the {scheduler._grid_kind} grid, {steps} steps to "
@@ -375,9 +416,9 @@ def sample_pipeline(pipeline_dir: str | Path, *, solver: str = "dpmsolver++", or
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m dpmsolve.sample_cli`` = ``dpmsolve sample``."""
-    parser = argparse.ArgumentParser(prog="dpmsolve sample", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv), parser)
+    from .cli import main as cli_main
+
+    return cli_main(["sample", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
