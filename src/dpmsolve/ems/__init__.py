@@ -1,8 +1,10 @@
 """Empirical model statistics (EMS) for DPM-Solver-v3 (Zheng et al. 2023): estimate, save, load, validate.
 
->>> stats = dpmsolve.ems.compute(denoiser, data=x0_batch, n_lambdas=100)     # minutes on a CPU for small models
->>> stats.save("model.ems.safetensors"); stats = dpmsolve.ems.load("model.ems.safetensors", schedule)
->>> dpmsolve.sample(denoiser, x_T, "dpmsolver-v3", ems=stats, steps=8)
+```python
+stats = dpmsolve.ems.compute(denoiser, data=x0_batch, n_lambdas=100)     # minutes on a CPU for small models
+stats.save("model.ems.safetensors"); stats = dpmsolve.ems.load("model.ems.safetensors", schedule)
+dpmsolve.sample(denoiser, x_T, "dpmsolver-v3", ems=stats, steps=8)
+```
 """
 
 from .statistics import EMS, EMSError, EMSWarning, FORMAT_VERSION

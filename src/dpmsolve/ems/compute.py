@@ -165,24 +165,27 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
         t_start, t_end: the time range (default the schedule's); sampling must stay inside it.
         source: ``'data'`` (x = alpha x0 + sigma z; default with data) or ``'trajectory'`` (points on tight ODE
             solves started at t_start; default without data).
-        batch_size: data points per batch. lambda_batch: log-SNR nodes per network call (the call then holds
-            ``lambda_batch * batch_size`` points, one time per point): fills a GPU with few data points per batch.
-            Needs a denoiser that takes per-sample times (``denoiser.per_sample_time``: networks wrapped by
-            ``wrap_model``, and classifier-free guidance over them). The estimate is the same as with 1.
-            shared: pool the statistics over all dimensions but the first (channels), so one EMS serves several
+        batch_size: data points per batch.
+        lambda_batch: log-SNR nodes per network call (the call then holds ``lambda_batch * batch_size`` points,
+            one time per point): fills a GPU with few data points per batch. Needs a denoiser that takes
+            per-sample times (``denoiser.per_sample_time``: networks wrapped by ``wrap_model``, and
+            classifier-free guidance over them). The estimate is the same as with 1.
+        shared: pool the statistics over all dimensions but the first (channels), so one EMS serves several
             resolutions.
-        probes: Rademacher probes per point for l. fd_step: lambda step of the central difference for the total
-            derivative (default 1e-4 in float64, 3e-3 otherwise). Trained networks can be rough in t at the
-            scale of a few train steps; then a small step makes s jump from node to node (the same for any K:
-            it is the model, not noise) and a step near a tenth of the node spacing serves v3 better (shipped
-            digits: 0.02, 6-NFE error -11%; patches: 0.03). Sharp models can diverge with a wide step (digits
-            KDE at 0.05). smooth: half-window of l' smoothing (nodes).
+        probes: Rademacher probes per point for l.
+        fd_step: lambda step of the central difference for the total derivative (default 1e-4 in float64, 3e-3
+            otherwise). Trained networks can be rough in t at the scale of a few train steps; then a small step
+            makes s jump from node to node (the same for any K: it is the model, not noise) and a step near a
+            tenth of the node spacing serves v3 better (shipped digits: 0.02, 6-NFE error -11%; patches: 0.03).
+            Sharp models can diverge with a wide step (digits KDE at 0.05).
+        smooth: half-window of l' smoothing (nodes).
         trajectory_refine: grid refinement of the trajectory solve (third-order DPM-Solver++ on N * refine
             uniform-lambda steps).
         seed: seeds probes, noise and trajectories (per batch, so a resumed run draws the same numbers).
         checkpoint: a file path; the sums are saved there after every batch, and a run with the same settings
             resumes from it. Removed when the computation finishes.
-        progress: tqdm progress bar (None: only on a terminal). model_id: stored in the EMS.
+        progress: tqdm progress bar (None: only on a terminal).
+        model_id: stored in the EMS.
         dtype, device: of the points (default float32, or the data's dtype and device).
         jvp: ``'forward'`` (``torch.func.jvp``; the network must be plain torch operations) or
             ``'finite_difference'`` (fourth-order central difference along v with a step ~ sigma_t scaled to the

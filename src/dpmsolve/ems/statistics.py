@@ -84,9 +84,11 @@ class EMS:
 
     Attributes:
         lambdas: (N + 1,) strictly increasing log-SNR nodes (noisiest first).
-        l, s, b: (N + 1, *stat_shape) float64; ``stat_shape`` is ``data_shape``, or ``data_shape`` with the
-            spatial dimensions set to 1 when the statistics are shared across positions (one file then serves
-            every resolution with the same channels).
+        l: (N + 1, *stat_shape) float64, the linear part of the model; ``stat_shape`` is ``data_shape``, or
+            ``data_shape`` with the spatial dimensions set to 1 when the statistics are shared across positions
+            (one file then serves every resolution with the same channels).
+        s: (N + 1, *stat_shape) float64, the slope of the least-squares fit ``f' ~= s f + b``.
+        b: (N + 1, *stat_shape) float64, the intercept of that fit.
         data_shape: the per-sample shape the statistics were estimated on, e.g. (3, 32, 32).
         schedule: the fingerprint of the schedule they belong to (``Schedule.fingerprint()``).
         n_data: K, the number of data points behind the estimate.

@@ -1,9 +1,11 @@
 """The shipped zoo models as lab problems: trained networks next to the analytic ones.
 
->>> from dpmsolve.lab.neural import zoo_problem
->>> problem = zoo_problem("digits", n=16, seed=0, guidance=3.0)
->>> problem.denoiser, problem.x_T, problem.schedule     # guided denoiser, float64 start noise, its schedule
->>> x_ref = problem.reference("zero")                    # cached high-accuracy end point (sigma = 0)
+```python
+from dpmsolve.lab.neural import zoo_problem
+problem = zoo_problem("digits", n=16, seed=0, guidance=3.0)
+problem.denoiser, problem.x_T, problem.schedule     # guided denoiser, float64 start noise, its schedule
+x_ref = problem.reference("zero")                    # cached high-accuracy end point (sigma = 0)
+```
 
 A network has no closed-form ODE solution, so the reference is the lab's :func:`high_accuracy_reference`
 (adaptive DPM-Solver-23 at ``rtol``, keeping the run at ``rtol / 10``). The default ``rtol = 1e-4`` is what a

@@ -38,6 +38,7 @@ they get the most steps whose calls do not exceed ``nfe`` (an even ``nfe`` at th
 the denoiser, also when the peer fails part-way.
 
 Known peer behaviours that are kept, not corrected (they are what a user of that library gets):
+
 * DDIM steps to ``timestep - N // steps`` whatever the next timestep is; with ``trailing`` spacing and a step
   count that does not divide N, the model is evaluated one train step away from the sample's time, and the last
   step lands on train index 0 instead of ``final_alpha_cumprod`` (so ``"zero"`` is not reached: the settings say

@@ -1,11 +1,13 @@
 """Small trained diffusion models shipped with dpmsolve, loaded offline.
 
->>> import torch, dpmsolve as dp
->>> from dpmsolve import zoo
->>> m = zoo.load("digits")                      # net (eval, float32), schedule, denoiser, ...
->>> labels = torch.arange(10).repeat(2)
->>> x = torch.randn(len(labels), *m.shape, generator=torch.Generator().manual_seed(0))
->>> sol = dp.sample(zoo.guided(m, labels, scale=3.0), x, "dpmsolver++", steps=20)
+```python
+import torch, dpmsolve as dp
+from dpmsolve import zoo
+m = zoo.load("digits")                      # net (eval, float32), schedule, denoiser, ...
+labels = torch.arange(10).repeat(2)
+x = torch.randn(len(labels), *m.shape, generator=torch.Generator().manual_seed(0))
+sol = dp.sample(zoo.guided(m, labels, scale=3.0), x, "dpmsolver++", steps=20)
+```
 
 ``digits`` is a class-conditional DDPM (noise prediction, ``DiscreteVP.linear()``, 1000 train steps) on
 scikit-learn's 8x8 digits scaled to ``[-1, 1]``; label ``10`` is the null class for classifier-free guidance.

@@ -1,9 +1,11 @@
 """DPM-Solver-v3 statistics (EMS) of the shipped zoo models, and the command that makes them.
 
->>> from dpmsolve import zoo
->>> m = zoo.load("digits")
->>> stats = zoo.statistics("digits")                 # the EMS of digits under classifier-free guidance 3
->>> dp.sample(zoo.guided(m, labels, 3.0), x, "dpmsolver-v3", ems=stats, steps=8)
+```python
+from dpmsolve import zoo
+m = zoo.load("digits")
+stats = zoo.statistics("digits")                 # the EMS of digits under classifier-free guidance 3
+dp.sample(zoo.guided(m, labels, 3.0), x, "dpmsolver-v3", ems=stats, steps=8)
+```
 
 EMS belong to one model AND one guidance scale (the guided ODE is another ODE). They are estimated from the
 model's own guided trajectories (``source='trajectory'``: no data is needed, and for a guided model the data is

@@ -1,9 +1,11 @@
 """Tuned sampling plans of the shipped zoo models, and the command that makes them.
 
->>> from dpmsolve import zoo
->>> m = zoo.load("digits")
->>> plan = zoo.plan("digits", 8)                       # tuned for digits under guidance 3, 8 evaluations
->>> dp.sample(zoo.guided(m, labels, 3.0), x, plan)
+```python
+from dpmsolve import zoo
+m = zoo.load("digits")
+plan = zoo.plan("digits", 8)                       # tuned for digits under guidance 3, 8 evaluations
+dp.sample(zoo.guided(m, labels, 3.0), x, plan)
+```
 
 A plan belongs to one model, one guidance scale and one NFE. The shipped ones were tuned by
 ``python -m dpmsolve.zoo.plans NAME`` (:func:`dpmsolve.tune` on ``SAMPLES`` seeded start noises, a quarter held
