@@ -244,8 +244,11 @@ def test_check_grid_increasing(vp):
 def test_make_grid_validation(vp):
     with pytest.raises(ValueError, match="Unknown grid"):
         dp.make_grid(vp, 10, "uniform_in_vibes")
-    for steps in (0, -3, 2.5, True, "10"):
+    for steps in (0, -3, 2.5):
         with pytest.raises(ValueError, match="steps"):
+            dp.make_grid(vp, steps, "logSNR")
+    for steps in (True, "10"):                                       # wrong types
+        with pytest.raises(TypeError, match="steps"):
             dp.make_grid(vp, steps, "logSNR")
     with pytest.raises(ValueError):
         dp.make_grid(vp, 10, "logSNR", t_start=0.2, t_end=0.5)      # start below end

@@ -47,11 +47,12 @@ def _scheduler(cls=DPMSolveScheduler, steps=5, **config):
 # ------------------------------------------------------------------------------------------ A1 step count
 
 @pytest.mark.parametrize("cls", [DPMSolveScheduler, *PRESETS])
-@pytest.mark.parametrize("bad", [2.5, 3.0, 0, -2, True, "4"])
-def test_set_timesteps_refuses_a_count_that_is_not_a_positive_integer(cls, bad):
-    """Before: set_timesteps(2.5) ran 2 steps silently (int() of the count)."""
+@pytest.mark.parametrize("bad, error", [(2.5, ValueError), (3.0, ValueError), (0, ValueError), (-2, ValueError),
+                                        (True, TypeError), ("4", TypeError)])
+def test_set_timesteps_refuses_a_count_that_is_not_a_positive_integer(cls, bad, error):
+    """Before: set_timesteps(2.5) ran 2 steps silently (int() of the count). A bool or a string: TypeError."""
     s = cls(**SD)
-    with pytest.raises(ValueError, match=r"num_inference_steps must be an integer >= 1, got .*pass an int"):
+    with pytest.raises(error, match=r"num_inference_steps must be an integer >= 1, got .*pass an int"):
         s.set_timesteps(bad)
     s.set_timesteps(np.int64(3))  # numpy integers are counts
     assert len(s.timesteps) == 3

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ._checks import check_count, check_schedule
 from .schedules import Schedule
 
 __all__ = ["GRIDS", "make_grid", "check_grid", "time_uniform", "log_snr_uniform", "time_quadratic",
@@ -112,8 +113,8 @@ def make_grid(schedule: Schedule, steps: int, kind: str = "logSNR", t_start: flo
     ``kind`` is a name in ``GRIDS``; ``options`` go to the grid (``rho`` for karras, ``power`` for time_power, ``shift`` for
     flow_shift).
     """
-    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}.")
+    check_schedule(schedule)
+    steps = check_count("steps", steps)
     if kind not in GRIDS:
         raise ValueError(f"Unknown grid {kind!r}; valid names are: {', '.join(GRIDS)} "
                          "(or pass an explicit array of times).")
@@ -177,12 +178,27 @@ def _grid_to_zero(schedule: Schedule, steps: int, kind: str, t_start: float, opt
     return ts
 
 
+def _as_times(ts, name: str) -> np.ndarray:
+    """``ts`` as a float64 array; TypeError naming the first non-number (a string) it holds."""
+    try:
+        return np.asarray(ts, dtype=np.float64)
+    except (TypeError, ValueError):
+        items = [ts] if isinstance(ts, (str, bytes)) else np.asarray(ts, dtype=object).reshape(-1).tolist()
+        for k, item in enumerate(items):
+            if isinstance(item, (str, bytes)) or not (item is None or isinstance(item, numbers.Real)
+                                                      or hasattr(item, "__len__")):
+                raise TypeError(f"{name} must hold numbers (times in the schedule's range), got {item!r} "
+                                f"({type(item).__name__}) at index {k}; pass floats, e.g. "
+                                "dpmsolve.make_grid(schedule, steps).") from None
+        raise
+
+
 def check_grid(schedule: Schedule, ts, increasing: bool = False, name: str = "the time grid") -> np.ndarray:
     """Validate an explicit grid: at least 2 times, strictly monotone, inside the schedule's range.
 
     A decreasing grid may end at exactly 0 (sigma = 0, see ``make_grid``); its other times must be in range.
     """
-    ts = np.asarray(ts, dtype=np.float64)
+    ts = _as_times(ts, name)
     if ts.ndim > 1:
         raise ValueError(f"{name} must be a 1-D sequence of times, got an array of shape {ts.shape}.")
     ts = ts.reshape(-1)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ._checks import check_count, check_denoiser, check_mapping, check_tensor
 from .grids import check_grid, make_grid
 from .model import Denoiser, Prediction
 from .schedules import DiscreteVP
@@ -34,25 +35,43 @@ class StepInfo:
 
     ``x`` and ``x0`` are copies made for the callback (in the caller's dtype): the solver never reads them, so
     editing them in place changes neither the sample nor the intermediates kept in the Solution.
+
+    Attributes:
+        step: 1-based index of the completed step.
+        t: the time the solution has reached.
+        x: the solution at ``t``.
+        x0: the data prediction of the step's first evaluation (a preview of the sample).
+        nfe: model evaluations so far.
     """
 
-    step: int            # 1-based index of the completed step
-    t: float             # time the solution has reached
-    x: torch.Tensor      # the solution at t
-    x0: torch.Tensor     # the data prediction of the step's first evaluation (a preview of the sample)
-    nfe: int             # model evaluations so far
+    step: int
+    t: float
+    x: torch.Tensor
+    x0: torch.Tensor
+    nfe: int
 
 
 @dataclass
 class Solution:
-    """The result of ``sample`` / ``invert``."""
+    """The result of ``sample`` / ``invert``.
+
+    Attributes:
+        x: the sample (``invert``: the noise), in the caller's dtype.
+        nfe: model evaluations used.
+        ts: the times the solution passed through (accepted steps).
+        solver: the solver that ran.
+        trajectory: x at each time in ``ts`` (with ``return_intermediates=True``; copies), else None.
+        x0_previews: the x0 prediction of each step's first evaluation (with ``return_intermediates=True``;
+            copies), else None.
+        stats: counts of the run: ``steps``, and ``accepted`` / ``rejected`` for the adaptive solver.
+    """
 
     x: torch.Tensor
     nfe: int
-    ts: np.ndarray                                  # times the solution passed through (accepted steps)
+    ts: np.ndarray
     solver: Solver
-    trajectory: list[torch.Tensor] | None = None    # x at each time in ts (return_intermediates=True; copies)
-    x0_previews: list[torch.Tensor] | None = None   # x0 prediction of each step's first evaluation (copies)
+    trajectory: list[torch.Tensor] | None = None
+    x0_previews: list[torch.Tensor] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,13 +83,15 @@ def _resolve_solver(solver, options: Mapping[str, Any]) -> Solver:
         return solver
     if isinstance(solver, str):
         return get_solver(solver, **options)
-    raise ValueError(f"solver must be a registry name or a Solver object, got {type(solver).__name__}.")
+    raise TypeError(f"solver must be a registry name or a Solver object, got {type(solver).__name__} ({solver!r}); "
+                    "pass e.g. solver='dpmsolver++' (names in dpmsolve.SOLVERS), a Solver, or a dpmsolve.Plan.")
 
 
 def _resolve_grid(denoiser: Denoiser, solver: Solver, grid, steps, t_start, t_end, grid_options) -> np.ndarray:
-    if not isinstance(denoiser, Denoiser):
-        raise ValueError("denoiser must be built by dpmsolve.wrap_model (or be a dpmsolve.Denoiser), got "
-                         f"{type(denoiser).__name__}.")
+    if isinstance(grid, numbers.Number) or (isinstance(grid, (np.ndarray, torch.Tensor)) and grid.ndim == 0):
+        raise TypeError(f"grid must be a grid name (e.g. 'logSNR', 'karras') or an array of times, got {grid!r} "
+                        f"({type(grid).__name__}); a number is not a grid: pass steps={grid!r} for a number of "
+                        "steps, or a grid name / array of times.")
     if solver.adaptive and steps is not None:
         if isinstance(grid, str):
             make_grid(denoiser.schedule, steps, grid)  # a bad steps value is reported as such first
@@ -98,17 +119,22 @@ def _resolve_plan(plan: Plan, denoiser: Denoiser, x, solver_options, **given):
     if changed:
         raise ValueError(f"A plan holds its own times and step settings; {', '.join(changed)} cannot be given with "
                          "it. Tune a plan for other settings (dpmsolve.tune), or pass a solver name instead.")
-    if not isinstance(denoiser, Denoiser):
-        raise ValueError("denoiser must be built by dpmsolve.wrap_model (or be a dpmsolve.Denoiser), got "
-                         f"{type(denoiser).__name__}.")
     if isinstance(x, torch.Tensor) and x.dim() >= 1:
         plan.check(denoiser.schedule, tuple(x.shape[1:]))
     return plan.solver(), np.asarray(plan.ts, dtype=np.float64), plan.denoise_to_zero
 
 
+def _check_entry(denoiser, x, x_name: str, steps, grid_options, model_kwargs) -> None:
+    """The checks ``sample`` and ``invert`` make once, before any planning: argument types and counts."""
+    check_denoiser(denoiser)
+    check_tensor(x_name, x)
+    if steps is not None:
+        check_count("steps", steps)
+    check_mapping("grid_options", grid_options)
+    check_mapping("model_kwargs", model_kwargs)
+
+
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    if not dtype.is_floating_point:
-        raise ValueError(f"x must be a floating-point tensor, got {dtype}.")
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -149,10 +175,7 @@ def _check_finite(pred: Prediction, step: int, t: float) -> None:
 
 def _solve(denoiser: Denoiser, x: torch.Tensor, solver: Solver, ts: np.ndarray, *, generator, callback,
            progress, return_intermediates, check_finite, model_kwargs, denoise_to_zero, x_name="x") -> Solution:
-    if not isinstance(denoiser, Denoiser):
-        raise ValueError("denoiser must be built by dpmsolve.wrap_model (or be a dpmsolve.Denoiser).")
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"{x_name} must be a tensor with a batch dimension.")
+    # denoiser, x, steps and the mappings were checked by the entry point (_check_entry).
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable (it is called with a StepInfo after each step), got "
                         f"{callback!r} ({type(callback).__name__}).")
@@ -265,8 +288,9 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver | Plan | No
         grid_options: options of a named grid, e.g. ``{"rho": 7}`` for karras, ``{"power": 1.5}`` for time_power,
             ``{"shift": 3}`` for flow_shift.
         denoise_to_zero: one more evaluation at the end, returning its x0 prediction.
-        generator / seed: randomness of stochastic solvers (one of them; an integer seed creates a generator on
-            x's device).
+        generator: randomness of stochastic solvers (give this or ``seed``, not both).
+        seed: an integer seed for stochastic solvers: creates a generator on x's device (give this or
+            ``generator``, not both).
         callback: called with a :class:`StepInfo` after every completed step (its tensors are copies).
         progress: tqdm progress bar; None shows it only on a terminal.
         return_intermediates: keep x and the x0 preview at every step in the Solution (copies, which the
@@ -274,13 +298,11 @@ def sample(denoiser: Denoiser, x: torch.Tensor, solver: str | Solver | Plan | No
         check_finite: stop with :class:`NonFiniteError` (naming the step and t) when the model returns NaN/Inf.
         model_kwargs: keyword arguments for every model call (class labels, text embeddings).
     """
+    _check_entry(denoiser, x, "x", steps, grid_options, model_kwargs)
     if (solver is None and grid is None and t_start is None and not solver_options and t_end in (None, 0)
             and not (t_end == 0 and denoise_to_zero)):   # (that combination is refused below)
         from .tuning.default import default_plan, guidance_of
 
-        if not isinstance(denoiser, Denoiser):
-            raise ValueError("denoiser must be built by dpmsolve.wrap_model (or be a dpmsolve.Denoiser), got "
-                             f"{type(denoiser).__name__}.")
         solver = default_plan(denoiser.schedule, 20 if steps is None else steps, guidance_of(denoiser),
                               "zero" if t_end == 0 else "t_min")
         steps = t_end = None
@@ -330,10 +352,18 @@ def invert(denoiser: Denoiser, x0: torch.Tensor, solver: str | Solver = "dpmsolv
     ``t_start`` (default ``t_max``), with the same deterministic solvers and grids as :func:`sample` (the grid
     is the sampling grid reversed). Sampling from the result with the same settings reconstructs ``x0`` up to
     the solvers' discretisation error."""
+    _check_entry(denoiser, x0, "x0", steps, grid_options, model_kwargs)
+    if isinstance(solver, Plan):
+        raise ValueError(f"invert() cannot run a plan ({solver!r}): a plan is tuned for sampling (noise -> data). "
+                         "Pass a deterministic solver by name (e.g. solver='dpmsolver++') or as a Solver object.")
     solver = _resolve_solver(solver, solver_options)
     if solver.stochastic:
         raise ValueError("invert() needs a deterministic solver (eta = 0); SDE solvers cannot be inverted.")
     ts = _resolve_grid(denoiser, solver, grid, steps, t_start, t_end, grid_options)
+    if not isinstance(grid, str) and ts.ndim == 1 and ts.size >= 2 and np.all(np.diff(ts) > 0):
+        raise ValueError(f"grid must be the decreasing sampling grid (noise -> data, as sample() takes it); invert() "
+                         f"reverses it itself. Got an increasing grid {ts.tolist()}; pass it in decreasing order "
+                         "(e.g. grid[::-1]).")
     ts = check_grid(denoiser.schedule, ts[::-1].copy(), increasing=True, name="the inversion grid")
     if solver.adaptive:
         ts = ts[[0, -1]]

@@ -4,18 +4,22 @@
 (betas, prediction type, flow sigmas), a dpmsolve grid, and drives any fixed-grid dpmsolve solver through its
 ask/tell protocol, one model evaluation per ``step``. It holds no solver maths: the update is the solver's own,
 so a pipeline run equals ``dpmsolve.sample`` on the same model, noise and grid. The named subclasses (presets)
-fix the solver and its default options::
+fix the solver and its default options:
 
-    from dpmsolve.integrations.diffusers import DPMSolverPPMultistepScheduler
-    pipe.scheduler = DPMSolverPPMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.scheduler = DPMSolveScheduler.from_config(pipe.scheduler.config, solver="unipc",
-                                                   solver_options={"order": 3}, grid="karras")
+```python
+from dpmsolve.integrations.diffusers import DPMSolverPPMultistepScheduler
+pipe.scheduler = DPMSolverPPMultistepScheduler.from_config(pipe.scheduler.config)
+pipe.scheduler = DPMSolveScheduler.from_config(pipe.scheduler.config, solver="unipc",
+                                               solver_options={"order": 3}, grid="karras")
+```
 
 A tuned :class:`~dpmsolve.Plan` (``dpmsolve.tune``, saved with ``plan.save``) runs the same way: the config holds
-its file path, and the plan's times and step settings replace ``solver`` and ``grid``::
+its file path, and the plan's times and step settings replace ``solver`` and ``grid``:
 
-    pipe.scheduler = DPMSolveScheduler.from_config(pipe.scheduler.config, plan="digits-8nfe.plan.json")
-    pipe(..., num_inference_steps=pipe.scheduler.plan.nfe)
+```python
+pipe.scheduler = DPMSolveScheduler.from_config(pipe.scheduler.config, plan="digits-8nfe.plan.json")
+pipe(..., num_inference_steps=pipe.scheduler.plan.nfe)
+```
 
 Conventions (see ``set_timesteps``): ``timesteps`` are the network's time values of the evaluations, as float32
 -- the fractional train index ``N t - 1`` for DDPM-type models (UNet2DModel / UNet2DConditionModel accept
@@ -54,6 +58,8 @@ from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_c
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from .._checks import check_count as _check_count
+from .._checks import check_tensor
 from ..ems.statistics import EMS, EMSError
 from ..grids import GRIDS, check_grid, make_grid
 from ..model import PREDICTIONS, ClipX0, Denoiser, DynamicThresholding, Prediction
@@ -133,14 +139,6 @@ def _alphas_cumprod(betas: np.ndarray, rescale_zero_snr: bool) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- validation
-
-def _check_count(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        example = round(value) if isinstance(value, (int, float)) and math.isfinite(value) else minimum
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__}); pass an "
-                         f"int, e.g. {name}={max(minimum, example)}.")
-    return int(value)
-
 
 def _check_choice(name: str, value, valid) -> None:
     if value not in valid:
@@ -232,22 +230,30 @@ def _same_solver(name: str, a: dict, b: dict) -> bool:
 class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler running any dpmsolve fixed-grid solver (ask/tell), one evaluation per ``step``.
 
-    Config:
-        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr: the
-            DDPM schedule, as in diffusers (``DiscreteVP``; times ``t = (n + 1) / N`` for train index n).
+    Args:
+        num_train_timesteps: train steps N of the DDPM schedule, as in diffusers (``DiscreteVP``; times
+            ``t = (n + 1) / N`` for train index n).
+        beta_start: first beta of the ``'linear'`` / ``'scaled_linear'`` schedules.
+        beta_end: last beta of those schedules.
+        beta_schedule: ``'linear'``, ``'scaled_linear'`` or ``'squaredcos_cap_v2'``, as in diffusers.
+        trained_betas: explicit betas, one per train step, each in (0, 1]; replace ``beta_schedule``.
+        rescale_betas_zero_snr: rescale the schedule to zero terminal SNR (Lin et al. 2024), as in diffusers.
         prediction_type: ``'epsilon'``, ``'sample'``, ``'v_prediction'`` or ``'flow_prediction'``.
-        solver, solver_options: a dpmsolve registry name and its options (``{"order": 3}``); any fixed-grid
-            solver (not the adaptive one: a pipeline needs its timesteps up front). DPM-Solver-v3's ``ems`` may be
-            an EMS object (the config then shows ``'<in-memory EMS ...>'``; ``save_pretrained`` writes it beside
-            the config as ``ems.safetensors``) or the path of an EMS file.
-        grid, grid_options: a dpmsolve grid name (``'logSNR'``, ``'time_uniform'``, ``'time_quadratic'``,
-            ``'karras'``, ``'exponential'``, ``'flow_shift'``) and its options; default ``'logSNR'``, or
-            ``'flow_shift'`` with ``shift=flow_shift`` for flow models.
+        solver: a dpmsolve registry name; any fixed-grid solver (not the adaptive one: a pipeline needs its
+            timesteps up front).
+        solver_options: the solver's options (``{"order": 3}``). DPM-Solver-v3's ``ems`` may be an EMS object
+            (the config then shows ``'<in-memory EMS ...>'``; ``save_pretrained`` writes it beside the config as
+            ``ems.safetensors``) or the path of an EMS file.
+        grid: a dpmsolve grid name (``'logSNR'``, ``'time_uniform'``, ``'time_quadratic'``, ``'karras'``,
+            ``'exponential'``, ``'flow_shift'``); default ``'logSNR'``, or ``'flow_shift'`` with
+            ``shift=flow_shift`` for flow models.
+        grid_options: the grid's options (``{"rho": 7}`` for karras).
         final_sigma: ``'zero'``: the grid ends at t = 0 and the last step returns the x0 prediction at the last
             evaluated time (diffusers' ``final_sigmas_type='zero'``, k-diffusion's appended zero); ``'min'``:
             it ends at the schedule's t_min (the training sigma of index 0; flow: 1/N).
-        use_flow_sigmas, flow_shift: a rectified-flow model (``x_t = (1 - t) x0 + t eps``, t in [1/N, 1 - 1/N])
-            whose network takes ``N t`` (SD3/Flux pass sigma * 1000); ``flow_shift`` is the default grid's shift.
+        use_flow_sigmas: a rectified-flow model (``x_t = (1 - t) x0 + t eps``, t in [1/N, 1 - 1/N]) whose network
+            takes ``N t`` (SD3/Flux pass sigma * 1000).
+        flow_shift: the default grid's shift for flow models.
         use_dynamic_shifting: for flow models, ``set_timesteps(mu=...)`` sets the shift to ``exp(mu)`` (Flux).
         plan: the path of a :class:`~dpmsolve.Plan` file (``Plan.save``; a path keeps the config JSON-serialisable),
             loaded and checked against this scheduler's schedule when the scheduler is built (a
@@ -259,9 +265,11 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             directory, also by ``from_pretrained``.
         variance_type: diffusers' name; ``'learned'`` / ``'learned_range'``: the model output has twice the
             sample's channels and ``step`` keeps the first half (the prediction), as diffusers' DPM-Solver does.
-        thresholding, dynamic_thresholding_ratio, sample_max_value: diffusers' dynamic thresholding of the x0
-            prediction (``s = clamp(quantile_ratio(|x0|), 1, sample_max_value)``, ``x0 -> clamp(x0, -s, s) / s``),
-            run as dpmsolve's ``ClipX0`` + ``DynamicThresholding`` wrappers.
+        thresholding: diffusers' dynamic thresholding of the x0 prediction
+            (``s = clamp(quantile_ratio(|x0|), 1, sample_max_value)``, ``x0 -> clamp(x0, -s, s) / s``), run as
+            dpmsolve's ``ClipX0`` + ``DynamicThresholding`` wrappers.
+        dynamic_thresholding_ratio: the quantile ratio of ``thresholding``, in (0, 1].
+        sample_max_value: the largest threshold ``s`` of ``thresholding``.
         check_finite: ``step`` raises :class:`~dpmsolve.NonFiniteError` (naming the step and timestep) when the
             model output holds NaN or Inf, as ``dpmsolve.sample`` does (one read-back per step).
     """
@@ -293,10 +301,15 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         n = _check_count("num_train_timesteps", num_train_timesteps, minimum=2)
         if trained_betas is not None:
             trained_betas = [float(b) for b in np.asarray(trained_betas, dtype=np.float64).reshape(-1)]
-            if len(trained_betas) != n or not all(0.0 < b <= 1.0 for b in trained_betas):
-                raise ValueError(f"trained_betas must hold num_train_timesteps={n} values in (0, 1], got "
-                                 f"{len(trained_betas)} values in [{min(trained_betas, default=0):g}, "
-                                 f"{max(trained_betas, default=0):g}].")
+            bad = [(k, b) for k, b in enumerate(trained_betas) if not 0.0 < b <= 1.0]
+            if bad:
+                raise ValueError(f"trained_betas must hold values in (0, 1] (one beta per train step), got "
+                                 f"{bad[0][1]!r} at index {bad[0][0]}"
+                                 f"{f' ({len(bad)} such values)' if len(bad) > 1 else ''}; pass the betas the model "
+                                 "was trained with.")
+            if len(trained_betas) != n:
+                raise ValueError(f"trained_betas must hold num_train_timesteps={n} values, got {len(trained_betas)}; "
+                                 "pass one beta per train step, or set num_train_timesteps to their number.")
         for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
             _check_number(name, value, 0.0, 1.0)
         _check_choice("beta_schedule", beta_schedule, _BETA_SCHEDULES)
@@ -319,7 +332,8 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
                              "plan.save('name.plan.json') and pass plan='name.plan.json'.")
         if plan is not None:
             if not isinstance(plan, (str, os.PathLike)):
-                raise ValueError(f"plan must be the path of a plan file (str), got {type(plan).__name__}.")
+                raise TypeError(f"plan must be the path of a plan file (str), got {plan!r} ({type(plan).__name__}); "
+                                "save a plan with plan.save('name.plan.json') and pass plan='name.plan.json'.")
             plan = os.fspath(plan)
         ems = solver_options.get("ems")
         if isinstance(ems, str) and ems.startswith(_IN_MEMORY_EMS):
@@ -653,7 +667,16 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             else:
                 raise ValueError("Pass exactly one of num_inference_steps, timesteps or sigmas.")
         if given[0] == "timesteps":
-            ts = self._append_end(self._time_from_network(_finite_values("timesteps", timesteps)), "timesteps")
+            values = _finite_values("timesteps", timesteps)
+            ts = self._time_from_network(values)
+            inner = ts[:-1] if ts.size >= 2 and ts[-1] == 0.0 else ts   # a trailing 0 is the end of the grid
+            if not self.schedule.contains(inner):
+                lo, hi = self._network_time(np.array([self.schedule.t_min, self.schedule.t_max]))
+                out = [v for v, t in zip(values.tolist(), inner.tolist()) if not self.schedule.contains(t)]
+                raise ValueError(f"set_timesteps got timesteps outside the model's range [{lo:.6g}, {hi:.6g}] (network "
+                                 f"timesteps): {', '.join(f'{v:g}' for v in out[:5])}; pass decreasing timesteps "
+                                 "in that range.")
+            ts = self._append_end(ts, "timesteps")
         elif given[0] == "sigmas":
             values = _finite_values("sigmas", sigmas)
             if (values < 0).any():
@@ -877,6 +900,16 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """``alpha_t x0 + sigma_t noise`` at each network time in ``timesteps`` (train indices; flow: ``N t``)."""
+        noise = check_tensor("noise", noise, batch=False)
+        if noise.shape != original_samples.shape:
+            try:
+                fits = torch.broadcast_shapes(noise.shape, original_samples.shape) == original_samples.shape
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(f"add_noise got noise of shape {tuple(noise.shape)} for original_samples of shape "
+                                 f"{tuple(original_samples.shape)}; pass noise of the samples' shape, e.g. "
+                                 "torch.randn_like(original_samples).")
         a, s = self._alpha_sigma_for(timesteps, original_samples)
         work = a.dtype
         out = a * original_samples.to(work) + s * noise.to(work)

@@ -3,7 +3,9 @@
 Every ``sample_<name>`` here has k-diffusion's signature and conventions and runs through :func:`dpmsolve.sample`
 (no solver maths in this module):
 
-    sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, **options) -> x
+```python
+sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, **options) -> x
+```
 
 * ``model(x, sigma_batch, **extra_args)`` is a denoiser on VE coordinates ``x = x0 + sigma * eps`` that returns
   the denoised ``x0`` (k-diffusion's ``CompVisDenoiser`` / ``DiscreteEpsDDPMDenoiser``, ComfyUI's ``model_k``);
@@ -29,31 +31,29 @@ Every ``sample_<name>`` here has k-diffusion's signature and conventions and run
 
 Samplers (``SAMPLERS`` maps each name to its dpmsolve solver and defaults):
 
-================== ===================================================================================
-``ddim``            DDIM (= DPM-Solver-1 = Euler on the VE ODE, k-diffusion's ``sample_euler`` without churn);
-                    ``eta`` > 0: DDIM with noise
-``dpmpp_2m``        DPM-Solver++(2M), ``solver_type='dpmsolver'`` (= k-diffusion's ``sample_dpmpp_2m``)
-``dpmpp_3m``        DPM-Solver++(3M), ``solver_type='taylor'`` (third order). k-diffusion's ``sample_dpmpp_3m_sde``
-                    at eta = 0 is another method: the reference 3M form (``solver_type='dpmsolver'``, second
-                    difference at half weight) after a Taylor order-2 second step; no option here equals it
-``dpmpp_2s``        singlestep DPM-Solver++(2S): a block of order 2 spans two sigma intervals (one evaluation per
-                    sigma, NFE = steps; not k-diffusion's ``dpmpp_2s_ancestral``, which evaluates twice per step)
-``dpmpp_3s``        singlestep DPM-Solver++(3S) (``split='fast'`` by default: the reference's order split)
-``dpm_solver_2m``   multistep DPM-Solver-2 (noise prediction)
-``dpm_solver_2s`` / ``dpm_solver_3s``  singlestep DPM-Solver-2 / -3 (noise prediction)
-``dpmpp_2m_sde``    SDE-DPM-Solver++(2M), ``eta=1`` (= k-diffusion's ``sample_dpmpp_2m_sde`` for the same noise)
-``unipc``           UniPC order 3, B(h) = h (``variant='bh1'``, ComfyUI's ``uni_pc``)
-``unipc_bh2``       UniPC order 3, B(h) = e^h - 1 (ComfyUI's ``uni_pc_bh2``)
-================== ===================================================================================
+| Sampler | dpmsolve solver |
+| --- | --- |
+| ``ddim`` | DDIM (= DPM-Solver-1 = Euler on the VE ODE, k-diffusion's ``sample_euler`` without churn); ``eta`` > 0: DDIM with noise |
+| ``dpmpp_2m`` | DPM-Solver++(2M), ``solver_type='dpmsolver'`` (= k-diffusion's ``sample_dpmpp_2m``) |
+| ``dpmpp_3m`` | DPM-Solver++(3M), ``solver_type='taylor'`` (third order). k-diffusion's ``sample_dpmpp_3m_sde`` at eta = 0 is another method: the reference 3M form (``solver_type='dpmsolver'``, second difference at half weight) after a Taylor order-2 second step; no option here equals it |
+| ``dpmpp_2s`` | singlestep DPM-Solver++(2S): a block of order 2 spans two sigma intervals (one evaluation per sigma, NFE = steps; not k-diffusion's ``dpmpp_2s_ancestral``, which evaluates twice per step) |
+| ``dpmpp_3s`` | singlestep DPM-Solver++(3S) (``split='fast'`` by default: the reference's order split) |
+| ``dpm_solver_2m`` | multistep DPM-Solver-2 (noise prediction) |
+| ``dpm_solver_2s`` / ``dpm_solver_3s`` | singlestep DPM-Solver-2 / -3 (noise prediction) |
+| ``dpmpp_2m_sde`` | SDE-DPM-Solver++(2M), ``eta=1`` (= k-diffusion's ``sample_dpmpp_2m_sde`` for the same noise) |
+| ``unipc`` | UniPC order 3, B(h) = h (``variant='bh1'``, ComfyUI's ``uni_pc``) |
+| ``unipc_bh2`` | UniPC order 3, B(h) = e^h - 1 (ComfyUI's ``uni_pc_bh2``) |
 
 Tuned plans (:class:`dpmsolve.Plan`, from ``dpmsolve.tune`` or ``Plan.load``): ``plan_sigmas(plan, schedule)``
 is the plan's grid as k-diffusion sigmas, and ``sample_plan(model, x, sigmas, ..., plan=plan)`` runs the plan's
 per-step settings on them (through the same path as every sampler here: equal to ``dpmsolve.sample(denoiser,
-x_T, plan)`` up to round-off, with ``x = x_T / alpha(plan.ts[0])`` in VE coordinates)::
+x_T, plan)`` up to round-off, with ``x = x_T / alpha(plan.ts[0])`` in VE coordinates):
 
-    sigmas = kdiffusion.plan_sigmas(plan, schedule)              # plan.nfe + 1 sigmas (0 last when it denoises)
-    x = kdiffusion.sample_plan(model_k, noise * sigmas[0], sigmas, plan=plan)
-    sampler = comfy.samplers.KSAMPLER(kdiffusion.sample_plan, extra_options={"plan": "my.plan.json"})
+```python
+sigmas = kdiffusion.plan_sigmas(plan, schedule)              # plan.nfe + 1 sigmas (0 last when it denoises)
+x = kdiffusion.sample_plan(model_k, noise * sigmas[0], sigmas, plan=plan)
+sampler = comfy.samplers.KSAMPLER(kdiffusion.sample_plan, extra_options={"plan": "my.plan.json"})
+```
 
 ``sample_dpm_adaptive(model, x, sigma_min, sigma_max, ...)`` has k-diffusion's adaptive signature (adaptive
 DPM-Solver-12/23 from ``sigma_max`` to ``sigma_min``; k-diffusion's PID options are not supported).
@@ -69,12 +69,14 @@ k-diffusion does (``CompVisDenoiser``, ``DiscreteEpsDDPMDenoiser``): the adapter
 
 Use from ComfyUI (its API as read in ``comfy/samplers.py``, not exercised here): ComfyUI's ``KSAMPLER`` calls
 ``sampler_function(model_k, noise, sigmas, extra_args=..., callback=..., disable=..., **extra_options)`` with
-the noise already scaled, so a custom node can return a sampler object built from any function here::
+the noise already scaled, so a custom node can return a sampler object built from any function here:
 
-    import comfy.samplers
-    from dpmsolve.integrations import kdiffusion
+```python
+import comfy.samplers
+from dpmsolve.integrations import kdiffusion
 
-    sampler = comfy.samplers.KSAMPLER(kdiffusion.sample_dpmpp_3m, extra_options={"lower_order_final": True})
+sampler = comfy.samplers.KSAMPLER(kdiffusion.sample_dpmpp_3m, extra_options={"lower_order_final": True})
+```
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .._checks import check_tensor
 from ..grids import make_grid
 from ..model import wrap_model
 from ..sampling import sample
@@ -269,8 +272,7 @@ def _sample_k(solver_name: str | Callable[[np.ndarray], Solver], options: dict[s
 
     ``solver_name``: a registry name (built with ``options``), or a function ``ts -> Solver`` of the sigma grid
     (then ``options`` may hold only the noise options)."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a tensor, got {type(x).__name__}.")
+    check_tensor("x", x)
     extra_args = dict(extra_args or {})
     noise_sampler = options.pop("noise_sampler", None)
     s_noise = float(options.pop("s_noise", 1.0))
@@ -412,8 +414,7 @@ def sample_plan(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     (unused: plans are deterministic). Refuses (:class:`~dpmsolve.PlanError`) a plan made for another sample
     shape, or sigmas that do not fit it."""
     plan = _as_plan(plan)
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a tensor, got {type(x).__name__}.")
+    check_tensor("x", x)
     return _sample_k(_plan_solver(plan, x), dict(options), model, x, sigmas, extra_args, callback, disable)
 
 

@@ -48,6 +48,9 @@ def _construct(cls, **options) -> Solver:
 
 def get_solver(name: str, **options) -> Solver:
     """The solver registered as ``name`` with its options, e.g. ``get_solver("dpmsolver++", order=3)``."""
+    if not isinstance(name, str):
+        raise TypeError(f"The solver name must be a string, got {name!r} ({type(name).__name__}); valid names are: "
+                        f"{', '.join(SOLVERS)}.")
     if name not in SOLVERS:
         raise ValueError(f"Unknown solver {name!r}; valid names are: {', '.join(SOLVERS)}.")
     factory = SOLVERS[name]

@@ -12,11 +12,13 @@ a rejected trial, so a rejection costs ``order - 1`` evaluations instead of ``or
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from .._checks import check_count, check_number, check_real
 from ..model import Prediction
 from ..schedules import Schedule
 from ._exponential import Form, Node, Rule, combine, step_coefficients
@@ -63,12 +65,14 @@ class AdaptiveDPMSolver(Solver):
                  rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, theta: float = 0.9,
                  max_trials: int = 10_000):
         configure(self, order, (2, 3), predict, solver_type)
-        if not (rtol > 0 and atol > 0):
-            raise ValueError(f"Adaptive tolerances must be > 0; got rtol={rtol!r}, atol={atol!r}.")
-        if not (h_init > 0 and 0 < theta <= 1):
-            raise ValueError("AdaptiveDPMSolver needs h_init > 0 and 0 < theta <= 1.")
-        self.rtol, self.atol, self.h_init, self.theta = float(rtol), float(atol), float(h_init), float(theta)
-        self.max_trials = int(max_trials)
+        owner = type(self).__name__
+        self.rtol, self.atol = check_real("rtol", rtol, owner), check_real("atol", atol, owner)
+        if not (0 < self.rtol < math.inf and 0 < self.atol < math.inf):
+            raise ValueError(f"Adaptive tolerances must be > 0; got rtol={rtol!r}, atol={atol!r}; pass finite "
+                             "positive numbers, e.g. rtol=0.05, atol=0.0078.")
+        self.h_init = check_number("h_init", h_init, 0.0, low_open=True, owner=owner)
+        self.theta = check_number("theta", theta, 0.0, 1.0, low_open=True, owner=owner)
+        self.max_trials = check_count("max_trials", max_trials)
         self.form = Form(data=self.integrates == "x0")
 
     @property

@@ -7,8 +7,9 @@ predictions each step uses; every grid time but the last is evaluated exactly on
 from __future__ import annotations
 
 import math
-import numbers
 
+from .._checks import check_real
+from .._checks import check_order as _check_order
 from ..grids import log_snr_blocks
 from ._exponential import Form, Node, Rule
 from .base import FixedGridSolver, pec_correctors, warmup_orders
@@ -18,17 +19,6 @@ _INTEGRATES = {"data": "x0", "noise": "eps"}
 # ('unic-bh1') or e^h - 1 ('unic-bh2'; 'unic', the diffusers default). B(h) only matters for the corrector of
 # an order-1 step; with more points UniC is the Taylor update through the step's points and the new one.
 CORRECTORS = {"unic": Rule.BH2, "unic-bh1": Rule.BH1, "unic-bh2": Rule.BH2}
-
-
-def _check_order(name: str, order, allowed) -> int:
-    """``order`` as an int if it is one of ``allowed``: TypeError for a non-number (or a bool), ValueError for any
-    other value, including non-integers such as 2.5 or 2.0 (never truncated)."""
-    valid = ", ".join(map(str, allowed))
-    if isinstance(order, bool) or not isinstance(order, numbers.Real):
-        raise TypeError(f"{name} supports order {valid}; got {order!r} ({type(order).__name__}), pass an int.")
-    if not isinstance(order, numbers.Integral) or order not in allowed:
-        raise ValueError(f"{name} supports order {valid}; got {order!r}.")
-    return int(order)
 
 
 def _rule(solver_type: str) -> Rule:
@@ -75,9 +65,12 @@ class DDIM(FixedGridSolver):
     integrates = "x0"
 
     def __init__(self, eta: float = 0.0):
-        if not (eta >= 0):
-            raise ValueError(f"DDIM needs eta >= 0, got {eta!r}.")
-        self.eta = float(eta)
+        self.eta = check_real("eta", eta, "DDIM")
+        if not self.eta >= 0:
+            raise ValueError(f"DDIM needs eta >= 0, got {eta!r}; pass eta in [0, 1] (0: deterministic DDIM).")
+        if self.eta > 1:   # eta = 1 is the DDPM posterior std, the most noise a step holds
+            raise ValueError(f"DDIM eta={eta!r} asks for more noise than the step holds; use eta <= 1 "
+                             "(eta = 1 is DDPM's posterior).")
 
     @property
     def order(self) -> int:
@@ -292,9 +285,10 @@ class SDEDPMSolverPP(FixedGridSolver):
     def __init__(self, order: int = 2, eta: float = 1.0, solver_type: str = "dpmsolver",
                  lower_order_final: bool = False):
         self._order = _check_order(type(self).__name__, order, (1, 2))
-        if not (eta >= 0):
-            raise ValueError(f"eta must be >= 0, got {eta!r}.")
-        self.eta = float(eta)
+        self.eta = check_real("eta", eta, "SDEDPMSolverPP")
+        if not 0 <= self.eta < math.inf:
+            raise ValueError(f"SDEDPMSolverPP: eta must be >= 0, got {eta!r}; eta must be finite in [0, ...) (1: the "
+                             "reverse SDE, 0: the ODE).")
         self.solver_type = solver_type
         self.rule = _rule(solver_type)
         self.lower_order_final = bool(lower_order_final)

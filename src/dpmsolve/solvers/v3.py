@@ -74,8 +74,8 @@ class DPMSolverV3(FixedGridSolver):
         if isinstance(ems, (str, PathLike)) and ems != "degenerate":
             ems = EMS.load(ems)            # a file path: what a serialised config (diffusers scheduler) can hold
         if not (ems is None or ems == "degenerate" or isinstance(ems, EMS)):
-            raise ValueError("ems must be a dpmsolve.ems.EMS (ems.compute(...) or EMS.load(path)), the path of an EMS "
-                             f"file, or 'degenerate'; got {type(ems).__name__}.")
+            raise TypeError("ems must be a dpmsolve.ems.EMS (ems.compute(...) or EMS.load(path)), the path of an EMS "
+                            f"file, or 'degenerate'; got {ems!r} ({type(ems).__name__}).")
         self.ems = ems
         self._order = _check_order(type(self).__name__, order, (1, 2, 3))
         for name, value in (("predictor_pseudo", predictor_pseudo), ("corrector", corrector),

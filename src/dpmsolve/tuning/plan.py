@@ -43,20 +43,21 @@ class PlanError(ValueError):
 class PlanStep:
     """The settings of one step of a plan.
 
-    predict: ``"data"`` (integrate the x0 prediction, DPM-Solver++) or ``"noise"`` (eps, DPM-Solver).
-    order: 1-3, the number of the latest evaluations of the same prediction the step interpolates (fewer
-        while they are not yet available: after a change of prediction the history builds up again).
-    rule: how the derivative terms are weighted (``Rule``: ``"taylor"``, ``"dpmsolver"``, ``"bh1"``,
-        ``"bh2"``, ``"pseudo"``); DPM-Solver++ 2M is ``"dpmsolver"``, 3M ``"taylor"``.
-    corrector: None, or a UniC corrector (``"unic"``, ``"unic-bh1"``, ``"unic-bh2"``) that takes this step
-        again when the model has been evaluated at its result (no extra evaluation; not on the last step).
-    compensation: expansion point of the step moved by ``compensation * h`` in lambda (0: none; needs
-        ``rule="taylor"`` and order >= 2).
-    method: ``"multistep"`` (from the current solution through the latest evaluations) or ``"singlestep"``:
-        consecutive singlestep steps form blocks of ``order`` steps (fewer where the run ends), each block one
-        DPM-Solver-k step from its start through the model evaluated at the grid times inside it (Lu et al. 2022,
-        Alg. 1-2; the intermediate points are Taylor steps, the block's last step uses ``rule``). No corrector
-        or compensation on singlestep steps.
+    Attributes:
+        predict: ``"data"`` (integrate the x0 prediction, DPM-Solver++) or ``"noise"`` (eps, DPM-Solver).
+        order: 1-3, the number of the latest evaluations of the same prediction the step interpolates (fewer
+            while they are not yet available: after a change of prediction the history builds up again).
+        rule: how the derivative terms are weighted (``Rule``: ``"taylor"``, ``"dpmsolver"``, ``"bh1"``,
+            ``"bh2"``, ``"pseudo"``); DPM-Solver++ 2M is ``"dpmsolver"``, 3M ``"taylor"``.
+        corrector: None, or a UniC corrector (``"unic"``, ``"unic-bh1"``, ``"unic-bh2"``) that takes this step
+            again when the model has been evaluated at its result (no extra evaluation; not on the last step).
+        compensation: expansion point of the step moved by ``compensation * h`` in lambda (0: none; needs
+            ``rule="taylor"`` and order >= 2).
+        method: ``"multistep"`` (from the current solution through the latest evaluations) or ``"singlestep"``:
+            consecutive singlestep steps form blocks of ``order`` steps (fewer where the run ends), each block one
+            DPM-Solver-k step from its start through the model evaluated at the grid times inside it (Lu et al. 2022,
+            Alg. 1-2; the intermediate points are Taylor steps, the block's last step uses ``rule``). No corrector
+            or compensation on singlestep steps.
     """
 
     predict: str = "data"
@@ -197,7 +198,12 @@ class Plan:
     def from_dict(cls, data: dict[str, Any], source: str = "the plan") -> Plan:
         if not isinstance(data, dict) or data.get("format") != "dpmsolve-plan":
             raise PlanError(f"{source} is not a dpmsolve plan (no 'format': 'dpmsolve-plan').")
-        if int(data.get("version", -1)) > FORMAT_VERSION:
+        version = data.get("version", -1)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise PlanError(f"{source} has plan format version {version!r} ({type(version).__name__}); a plan's version "
+                            f"must be an integer (this dpmsolve writes {FORMAT_VERSION}). The file is damaged: save the "
+                            "plan again with Plan.save.")
+        if version > FORMAT_VERSION:
             raise PlanError(f"{source} has plan format version {data['version']}; this dpmsolve reads up to "
                             f"{FORMAT_VERSION}. Upgrade dpmsolve.")
         try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .._checks import check_count, check_mapping, check_tensor
 from ..grids import make_grid
 from ..model import ClassifierFreeGuidance, Denoiser, Prediction
 from ..schedules import Schedule
@@ -331,19 +333,32 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
     started = time.perf_counter()
     if endpoint not in ("zero", "t_min"):
         raise ValueError(f"endpoint must be 'zero' (sigma = 0) or 't_min', got {endpoint!r}.")
-    nfes = [nfe] if isinstance(nfe, (int, np.integer)) else list(nfe)
-    if not nfes or any(not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 2 for k in nfes):
-        raise ValueError(f"nfe must be an integer >= 2 or a list of them, got {nfe!r}.")
-    if not isinstance(noise, torch.Tensor) or noise.dim() < 2 or noise.shape[0] < 8:
-        raise ValueError("noise must be a batch of at least 8 start noises, shape (K, ...).")
+    single = isinstance(nfe, numbers.Real)
+    if not single and (isinstance(nfe, (str, bytes)) or not hasattr(nfe, "__iter__")):
+        raise TypeError(f"nfe must be an integer >= 2 or a list of them, got {nfe!r} ({type(nfe).__name__}); pass "
+                        "e.g. nfe=6 or nfe=[4, 6, 8].")
+    nfes = [nfe] if single else list(nfe)
+    if not nfes:
+        raise ValueError("nfe is an empty list; pass an integer >= 2 or a list of them, e.g. nfe=[4, 6, 8].")
+    for k in nfes:
+        check_count("nfe", k, minimum=2)
+    check_tensor("noise", noise, floating=False)
+    if noise.dim() < 2 or noise.shape[0] < 8:
+        raise ValueError(f"noise must be a batch of at least 8 start noises, shape (K, ...); got shape "
+                         f"{tuple(noise.shape)}, i.e. {noise.shape[0] if noise.dim() else 0} noise(s). Pass more, "
+                         "e.g. torch.randn(64, *data_shape).")
     if not 0.0 <= held_out < 1.0:
         raise ValueError(f"held_out must be a share in [0, 1), got {held_out!r}.")
-    model_kwargs = dict(model_kwargs or {})
+    model_kwargs = check_mapping("model_kwargs", model_kwargs)
     if isinstance(denoiser, Denoiser):
         schedule = denoiser.schedule
-    elif not callable(denoiser) or schedule is None:
-        raise ValueError("denoiser must be a dpmsolve Denoiser, or a function of a subset's model_kwargs returning "
-                         "one (then pass schedule= as well).")
+    elif not callable(denoiser):
+        raise TypeError(f"denoiser must be a dpmsolve Denoiser (dpmsolve.wrap_model(...)), or a function of a "
+                        f"subset's model_kwargs returning one (then pass schedule= as well); got {denoiser!r} "
+                        f"({type(denoiser).__name__}).")
+    elif schedule is None:
+        raise ValueError("denoiser is a function (of a subset's model_kwargs, returning a Denoiser): pass schedule= "
+                         "as well, or pass a Denoiser made by dpmsolve.wrap_model.")
     n = noise.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_hold = int(round(held_out * n))
