@@ -33,6 +33,9 @@ from .schedules import (
 )
 from .solvers import (
     DDIM as DDIM,
+    DPM2 as DPM2,
+    Euler as Euler,
+    Heun as Heun,
     SOLVERS as SOLVERS,
     AdaptiveDPMSolver as AdaptiveDPMSolver,
     DPMSolverMultistep as DPMSolverMultistep,

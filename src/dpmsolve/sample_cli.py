@@ -215,7 +215,7 @@ def sample_zoo(name: str, *, solver: str = "dpmsolver++", order: int | None = No
         raise SampleError(str(exc)) from None
     paths = _write_zoo_images(result.x, labels, out, upscale)
     shown = {k: v for k, v in options.items() if k != "ems"}
-    print(f"{name}: {solver} {shown}, {steps} NFE ({result.nfe} used), "
+    print(f"{name}: {solver} {shown}, {steps} steps, {result.nfe} NFE, "
           + ("unconditional" if labels is None else f"guidance {3.0 if guidance is None else guidance}")
           + f", on {device}")
     return paths

@@ -200,7 +200,7 @@ def _solve(denoiser: Denoiser, x: torch.Tensor, solver: Solver, ts: np.ndarray, 
 
     state = solver.init(denoiser.schedule, ts, x.to(work), generator)
     times, trajectory, previews = [float(ts[0])], [x.clone()] if return_intermediates else None, []
-    total = solver.expected_nfe(len(ts) - 1)
+    total = solver.expected_nfe(len(ts) - 1, ends_at_zero=bool(ts[-1] == 0.0))
     total = None if total is None else total + int(denoise_to_zero)
     bar = _progress_bar(progress, total, solver)
     watched = return_intermediates or callback is not None

@@ -357,6 +357,12 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"Solver {solver!r} with options {solver_options} is adaptive: its evaluation times "
                              "are not known up front, so it cannot drive a diffusers pipeline. Use a fixed-grid "
                              "solver (e.g. 'dpmsolver++' with method='multistep').")
+        if not self.solver.adaptive and self.solver.expected_nfe(4) != 4:
+            raise ValueError(f"Solver {solver!r} evaluates the model {self.solver.expected_nfe(4)} times over 4 "
+                             "grid intervals, at times between the grid's; a diffusers pipeline calls the model "
+                             "once per timestep, so it cannot drive one. Use dp.sample or dpmsolve.integrations."
+                             "kdiffusion for it, or a one-evaluation-per-step solver here (e.g. 'euler', "
+                             "'dpmsolver++').")
         if use_flow_sigmas:
             self.schedule = RectifiedFlow(t_min=1.0 / n, t_max=1.0 - 1.0 / n)
         else:

@@ -166,8 +166,8 @@ class _ExternalNoise(Solver):
     def stochastic(self) -> bool:
         return self.inner.stochastic
 
-    def expected_nfe(self, steps):
-        return self.inner.expected_nfe(steps)
+    def expected_nfe(self, steps, ends_at_zero=False):
+        return self.inner.expected_nfe(steps, ends_at_zero)
 
     def init(self, schedule, ts, x, generator=None):
         state = self.inner.init(schedule, ts, x, generator)

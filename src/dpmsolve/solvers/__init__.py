@@ -8,12 +8,13 @@ from typing import Callable
 from .adaptive import AdaptiveDPMSolver
 from .base import Correction, FixedGridSolver, Solver, Stage, State
 from .dpm_solver import DDIM, DPMSolverMultistep, DPMSolverSinglestep, SDEDPMSolverPP, fast_orders
+from .karras import DPM2, Euler, Heun
 from .unipc import UniPC
 from .v3 import DPMSolverV3
 
 __all__ = ["SOLVERS", "get_solver", "Solver", "FixedGridSolver", "State", "Stage", "DDIM", "DPMSolverMultistep",
            "DPMSolverSinglestep", "SDEDPMSolverPP", "AdaptiveDPMSolver", "UniPC", "DPMSolverV3", "Correction",
-           "fast_orders"]
+           "fast_orders", "Euler", "Heun", "DPM2"]
 
 _METHODS = {"multistep": DPMSolverMultistep, "singlestep": DPMSolverSinglestep, "adaptive": AdaptiveDPMSolver}
 
@@ -34,6 +35,9 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "sde-dpmsolver++": SDEDPMSolverPP,
     "unipc": UniPC,                        # UniPC (Zhao et al. 2023): UniP predictor + UniC corrector
     "dpmsolver-v3": DPMSolverV3,           # DPM-Solver-v3 (Zheng et al. 2023): needs the model's EMS
+    "euler": Euler,                        # Euler in sigma-space (Karras et al. 2022, Alg. 1): equals DDIM
+    "heun": Heun,                          # Heun / EDM (Karras et al. 2022, Alg. 2)
+    "dpm2": DPM2,                          # k-diffusion's DPM-2 (sigma-space midpoint)
 }
 
 

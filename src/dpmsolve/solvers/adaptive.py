@@ -79,7 +79,7 @@ class AdaptiveDPMSolver(Solver):
     def order(self) -> int:
         return self._order
 
-    def expected_nfe(self, steps: int) -> None:
+    def expected_nfe(self, steps: int, ends_at_zero: bool = False) -> None:
         return None
 
     def init(self, schedule, ts, x, generator=None) -> AdaptiveState:

@@ -60,8 +60,9 @@ class Solver(ABC):
     def done(self, state) -> bool:
         """True once the state holds the solution at the end of the grid."""
 
-    def expected_nfe(self, steps: int) -> int | None:
-        """Model evaluations for a grid of ``steps`` intervals (None when it depends on the model)."""
+    def expected_nfe(self, steps: int, ends_at_zero: bool = False) -> int | None:
+        """Model evaluations for a grid of ``steps`` intervals (None when it depends on the model);
+        ``ends_at_zero``: the grid ends at sigma = 0 (t = 0), where some methods take a cheaper last step."""
         return steps
 
     def step_completed(self, before, after) -> bool:
