@@ -46,8 +46,17 @@ def check_real(name: str, value, owner: str = "") -> float:
     """``value`` as a float; TypeError for a non-number or a bool (the value itself is checked by the caller)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         where = f"{owner} " if owner else ""
-        raise TypeError(f"{where}{name} must be a number, got {value!r} ({_type(value)}); pass a float.")
+        raise TypeError(f"{where}{name} must be a real number, got {_type(value)} {value!r}; pass a float.")
     return float(value)
+
+
+def check_finite(name: str, value, owner: str = "") -> float:
+    """``value`` as a finite float: TypeError for a non-number or a bool, ValueError for NaN / Inf."""
+    v = check_real(name, value, owner)
+    if not math.isfinite(v):
+        where = f"{owner} " if owner else ""
+        raise ValueError(f"{where}{name} must be finite, got {value!r}.")
+    return v
 
 
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
@@ -66,13 +75,14 @@ def check_number(name: str, value, low: float = -math.inf, high: float = math.in
     return v
 
 
-def check_mapping(name: str, value) -> dict[str, Any]:
+def check_mapping(name: str, value, owner: str = "") -> dict[str, Any]:
     """``value`` (None or a mapping) as a dict; TypeError for anything else (a list of pairs, a string)."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a mapping (a dict of keyword arguments), got {value!r} ({_type(value)}); "
-                        f"pass e.g. {name}={{'name': value}}.")
+        where = f"{owner} " if owner else ""
+        raise TypeError(f"{where}{name} must be a dict of keyword arguments (a mapping, e.g. {{'y': labels}}), got "
+                        f"{_type(value)} {value!r}.")
     return dict(value)
 
 

@@ -8,13 +8,13 @@ around a denoiser, composed in any order; solvers never know about them.
 from __future__ import annotations
 
 import math
-import numbers
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
 
+from ._checks import check_finite, check_mapping
 from .schedules import DiscreteVP, Schedule
 
 __all__ = [
@@ -122,23 +122,10 @@ def _check_name(kind: str, name: str, valid) -> None:
 
 
 def _real(owner: str, name: str, value) -> float:
-    """``value`` as a float; TypeError for a non-number, ValueError for NaN / Inf (naming ``owner.name``)."""
+    """``value`` (a number or a one-element float tensor, read once at construction) as a finite float."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
-        value = value.item()                       # once, at construction
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner} {name} must be a real number, got {type(value).__name__} {value!r}.")
-    if not math.isfinite(value):
-        raise ValueError(f"{owner} {name} must be finite, got {value!r}.")
-    return float(value)
-
-
-def _mapping(owner: str, name: str, value) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{owner} {name} must be a dict of model keyword arguments (e.g. {{'y': labels}}), got "
-                        f"{type(value).__name__}.")
-    return dict(value)
+        value = value.item()
+    return check_finite(name, value, owner)
 
 
 def _network_output(out) -> torch.Tensor:
@@ -209,7 +196,7 @@ class ModelDenoiser(Denoiser):
         self.schedule = schedule
         self.prediction = prediction
         self.time_input = time_input
-        self.model_kwargs = _mapping("wrap_model", "model_kwargs", model_kwargs)
+        self.model_kwargs = check_mapping("model_kwargs", model_kwargs, "wrap_model")
         self.input_dtype = input_dtype
         self._convert = PREDICTIONS[prediction]
 
@@ -449,7 +436,7 @@ class ClassifierGuidance(_Wrapper):
             raise TypeError(f"ClassifierGuidance log_prob must be a function log_prob(x, t_net, **kwargs) -> "
                             f"per-sample log p(y | x), got {type(log_prob).__name__}.")
         self.log_prob, self.scale = log_prob, _real("ClassifierGuidance", "scale", scale)
-        self.classifier_kwargs = _mapping("ClassifierGuidance", "classifier_kwargs", classifier_kwargs)
+        self.classifier_kwargs = check_mapping("classifier_kwargs", classifier_kwargs, "ClassifierGuidance")
 
     def _gradient(self, x, t) -> torch.Tensor:
         with torch.enable_grad():

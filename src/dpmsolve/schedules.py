@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._checks import check_finite
+
 __all__ = [
     "Schedule",
     "VPSchedule",
@@ -42,11 +44,7 @@ def _maybe_scalar(value, like):
 def _check_numbers(owner: str, obj, *names: str) -> None:
     """Each named field of ``obj`` is a finite real number (TypeError / ValueError naming it otherwise)."""
     for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{owner} {name} must be a real number, got {type(value).__name__} {value!r}.")
-        if not math.isfinite(value):
-            raise ValueError(f"{owner} {name} must be finite, got {value!r}.")
+        check_finite(name, getattr(obj, name), owner)
 
 
 def _check_times(owner: str, t_min, t_max, below_one: bool, why: str) -> None:

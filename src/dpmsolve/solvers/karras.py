@@ -40,8 +40,9 @@ class _SigmaSpaceSolver(FixedGridSolver):
         return [(i - i % k, tuple(range(i - i % k, i + 1)), None, i % k == k - 1) for i in range(k * steps)]
 
     def _second(self, schedule: Schedule, s: Node, t: Node):
-        """(middle node, (a, c) to it, (a, c0, c1) of the step s -> t) of a two-evaluation method."""
-        raise NotImplementedError
+        """(middle node, (a, c) to it, (a, c0, c1) of the step s -> t): the hook of the two-evaluation methods
+        (Heun, DPM-2 override it); ``plan`` calls it only when ``_evaluations == 2``, so Euler never does."""
+        raise TypeError(f"{type(self).__name__} takes one evaluation per step and has no second point.")
 
     def plan(self, schedule: Schedule, ts):
         ts = np.asarray(ts, dtype=np.float64)
