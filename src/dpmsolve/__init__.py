@@ -33,7 +33,15 @@ from .schedules import (
 )
 from .solvers import (
     DDIM as DDIM,
+    DEIS as DEIS,
     DPM2 as DPM2,
+    IPNDM as IPNDM,
+    IPNDMV as IPNDMV,
+    LMS as LMS,
+    PLMS as PLMS,
+    PNDM as PNDM,
+    GradientEstimation as GradientEstimation,
+    RESMultistep as RESMultistep,
     Euler as Euler,
     Heun as Heun,
     SOLVERS as SOLVERS,

@@ -9,12 +9,15 @@ from .adaptive import AdaptiveDPMSolver
 from .base import Correction, FixedGridSolver, Solver, Stage, State
 from .dpm_solver import DDIM, DPMSolverMultistep, DPMSolverSinglestep, SDEDPMSolverPP, fast_orders
 from .karras import DPM2, Euler, Heun
+from .linear_multistep import DEIS, IPNDM, IPNDMV, LMS, GradientEstimation, RESMultistep
+from .pndm import PLMS, PNDM
 from .unipc import UniPC
 from .v3 import DPMSolverV3
 
 __all__ = ["SOLVERS", "get_solver", "Solver", "FixedGridSolver", "State", "Stage", "DDIM", "DPMSolverMultistep",
            "DPMSolverSinglestep", "SDEDPMSolverPP", "AdaptiveDPMSolver", "UniPC", "DPMSolverV3", "Correction",
-           "fast_orders", "Euler", "Heun", "DPM2"]
+           "fast_orders", "Euler", "Heun", "DPM2", "DEIS", "LMS", "IPNDM", "IPNDMV", "PNDM", "PLMS",
+           "GradientEstimation", "RESMultistep"]
 
 _METHODS = {"multistep": DPMSolverMultistep, "singlestep": DPMSolverSinglestep, "adaptive": AdaptiveDPMSolver}
 
@@ -38,6 +41,14 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "euler": Euler,                        # Euler in sigma-space (Karras et al. 2022, Alg. 1): equals DDIM
     "heun": Heun,                          # Heun / EDM (Karras et al. 2022, Alg. 2)
     "dpm2": DPM2,                          # k-diffusion's DPM-2 (sigma-space midpoint)
+    "deis": DEIS,                          # DEIS tAB / rhoAB / logrho (Zhang & Chen 2022)
+    "pndm": PNDM,                          # PNDM (Liu et al. 2022): pseudo RK4 warm-up, then PLMS
+    "plms": PLMS,                          # PLMS (Liu et al. 2022), diffusers' skip_prk_steps warm-up
+    "ipndm": IPNDM,                        # iPNDM: equal-step Adams-Bashforth 4 on eps (ComfyUI ipndm)
+    "ipndm_v": IPNDMV,                     # iPNDM, variable-step Adams-Bashforth (ComfyUI ipndm_v)
+    "lms": LMS,                            # k-diffusion's linear multistep in sigma-space
+    "res-multistep": RESMultistep,         # RES 2nd-order multistep (Zhang, Song & Chen 2023)
+    "gradient-estimation": GradientEstimation,  # Permenter & Yuan 2024 (ComfyUI gradient_estimation)
 }
 
 
