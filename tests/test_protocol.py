@@ -41,6 +41,8 @@ REPRESENTATIVE: list[tuple[str, dict]] = [
     ("dpmsolver-v3", {"ems": "degenerate", "order": 3, "predictor_pseudo": True, "corrector_pseudo": True,
                       "half": "noisy", "lower_order_final": True}),
 ]
+REPRESENTATIVE += [("sa-solver", {}), ("sa-solver", {"pece": True}), ("dpmpp-2m-sde", {}),
+                   ("dpmpp-2m-sde", {"solver_type": "heun", "noise": "gaussian"})]
 CONFIGS = REPRESENTATIVE + [(name, {}) for name in dp.SOLVERS if name not in {n for n, _ in REPRESENTATIVE}]
 
 
@@ -73,6 +75,8 @@ fixed_configs = pytest.mark.parametrize("config", [c for c in CONFIGS if fixed_g
 adaptive_configs = pytest.mark.parametrize("config", [c for c in CONFIGS if not fixed_grid(c)], ids=_id)
 deterministic_configs = pytest.mark.parametrize("config", [c for c in CONFIGS if deterministic(c)], ids=_id)
 STOCHASTIC = [("sde-dpmsolver++", {"order": 1}), ("sde-dpmsolver++", {"order": 2}), ("ddim", {"eta": 0.5})]
+STOCHASTIC += [(name, {}) for name in ("euler-ancestral", "dpm2-ancestral", "dpmpp-2s-ancestral", "dpmpp-sde",
+                                        "dpmpp-2m-sde", "dpmpp-3m-sde", "er-sde")]
 
 
 class Counting(dp.Denoiser):

@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -96,6 +96,7 @@ from ..sampling import sample
 from ..schedules import EDM, Schedule
 from ..solvers import Solver, get_solver
 from ..solvers.base import State
+from ..solvers.stochastic import StochasticState
 from ..tuning.plan import Plan, PlanError, PlanSolver, PlanStep
 
 __all__ = [
@@ -146,10 +147,14 @@ class _ExternalNoiseState(State):
 
 
 class _ExternalNoise(Solver):
-    """A fixed-grid solver whose per-step noise ``std * z`` takes ``z`` from a k-diffusion noise sampler.
+    """A fixed-grid solver whose noise ``std * z`` takes ``z`` from a k-diffusion noise sampler.
 
-    The inner solver plans its steps as usual; its stages are handed over with the noise std set to 0, and the
-    same ``std * s_noise * noise_sampler(sigmas[anchor], sigmas[i + 1])`` is added after each noisy step.
+    Each noisy stage from node s to node t (the step's start and the point it lands on: the next sigma, or the
+    intermediate point of ``dpmpp-sde``) draws ``s_noise * noise_sampler(sigma_s, sigma_t)``, where a sigma that is
+    one of ``sigmas`` is passed as that very entry (k-diffusion's call) and any other as a float64 0-dim tensor
+    of sigma / alpha. A :class:`~dpmsolve.solvers.stochastic.StochasticSolver` takes the sampler as its state's
+    noise source (its own noise hook draws it); for any other fixed-grid solver the stages are handed over with
+    the noise std set to 0 and the same noise is added after each noisy stage.
     """
 
     def __init__(self, inner: Solver, noise_sampler: NoiseSampler, sigmas: torch.Tensor, s_noise: float):
@@ -157,6 +162,8 @@ class _ExternalNoise(Solver):
             raise ValueError(f"noise_sampler needs a fixed-grid solver, got {type(inner).__name__}.")
         self.inner, self.noise_sampler, self.sigmas, self.s_noise = inner, noise_sampler, sigmas, float(s_noise)
         self.integrates = inner.integrates
+        values = sigmas.detach().to("cpu", torch.float64).tolist()
+        self._index = {v: j for j, v in enumerate(values)}
 
     @property
     def order(self) -> int:
@@ -169,8 +176,19 @@ class _ExternalNoise(Solver):
     def expected_nfe(self, steps, ends_at_zero=False):
         return self.inner.expected_nfe(steps, ends_at_zero)
 
+    def _sigma(self, node):
+        j = self._index.get(node.t)  # the grid's own times are its sigmas (an EDM schedule, t = sigma)
+        return self.sigmas[j] if j is not None else torch.tensor(math.exp(-node.lam), dtype=torch.float64)
+
+    def _draw(self, s, t) -> torch.Tensor:
+        """The noise source of a StochasticState: ``s_noise * noise_sampler(sigma_s, sigma_t)``."""
+        z = self.noise_sampler(self._sigma(s), self._sigma(t))
+        return z * self.s_noise if self.s_noise != 1.0 else z
+
     def init(self, schedule, ts, x, generator=None):
         state = self.inner.init(schedule, ts, x, generator)
+        if isinstance(state, StochasticState):
+            return replace(state, noise_source=self._draw)
         values = {f.name: getattr(state, f.name) for f in fields(state)}
         values["stages"] = tuple(stage._replace(noise_std=0.0) for stage in state.stages)
         return _ExternalNoiseState(**values, noise_stds=tuple(stage.noise_std for stage in state.stages))
@@ -181,10 +199,10 @@ class _ExternalNoise(Solver):
     def tell(self, state, pred):
         i = state.i
         new = self.inner.tell(state, pred)
-        std = state.noise_stds[i]
+        std = state.noise_stds[i] if isinstance(state, _ExternalNoiseState) else 0.0
         if std:
-            x_new = new.x_eval  # a fresh tensor (also new.x: noise is only drawn on completed steps)
-            z = self.noise_sampler(self.sigmas[state.stages[i].anchor], self.sigmas[i + 1])
+            x_new = new.x_eval  # a fresh tensor (also new.x when the stage completes a step)
+            z = self.noise_sampler(self._sigma(state.nodes[state.stages[i].anchor]), self._sigma(state.nodes[i + 1]))
             x_new.add_(z.to(device=x_new.device, dtype=x_new.dtype), alpha=std * self.s_noise)
         return new
 

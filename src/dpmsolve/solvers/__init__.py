@@ -13,11 +13,18 @@ from .linear_multistep import DEIS, IPNDM, IPNDMV, LMS, GradientEstimation, RESM
 from .pndm import PLMS, PNDM
 from .unipc import UniPC
 from .v3 import DPMSolverV3
+from .er_sde import ERSDE
+from .sa_solver import SASolver
+from .stochastic import (DPM2Ancestral, DPMPP2MSDE, DPMPP2SAncestral, DPMPP3MSDE, DPMPPSDE, EulerAncestral,
+                         StochasticSolver)
 
 __all__ = ["SOLVERS", "get_solver", "Solver", "FixedGridSolver", "State", "Stage", "DDIM", "DPMSolverMultistep",
            "DPMSolverSinglestep", "SDEDPMSolverPP", "AdaptiveDPMSolver", "UniPC", "DPMSolverV3", "Correction",
            "fast_orders", "Euler", "Heun", "DPM2", "DEIS", "LMS", "IPNDM", "IPNDMV", "PNDM", "PLMS",
            "GradientEstimation", "RESMultistep"]
+
+__all__ += ["StochasticSolver", "EulerAncestral", "DPM2Ancestral", "DPMPP2SAncestral", "DPMPPSDE", "DPMPP2MSDE",
+            "DPMPP3MSDE", "ERSDE", "SASolver"]
 
 _METHODS = {"multistep": DPMSolverMultistep, "singlestep": DPMSolverSinglestep, "adaptive": AdaptiveDPMSolver}
 
@@ -41,6 +48,14 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "euler": Euler,                        # Euler in sigma-space (Karras et al. 2022, Alg. 1): equals DDIM
     "heun": Heun,                          # Heun / EDM (Karras et al. 2022, Alg. 2)
     "dpm2": DPM2,                          # k-diffusion's DPM-2 (sigma-space midpoint)
+    "euler-ancestral": EulerAncestral,     # k-diffusion's Euler ancestral (stochastic)
+    "dpm2-ancestral": DPM2Ancestral,       # k-diffusion's DPM-2 ancestral (stochastic)
+    "dpmpp-2s-ancestral": DPMPP2SAncestral,  # k-diffusion's DPM-Solver++(2S) ancestral (stochastic)
+    "dpmpp-sde": DPMPPSDE,                 # k-diffusion's DPM-Solver++ SDE (stochastic 2S, Brownian noise)
+    "dpmpp-2m-sde": DPMPP2MSDE,            # k-diffusion's DPM-Solver++(2M) SDE (= sde-dpmsolver++ order 2)
+    "dpmpp-3m-sde": DPMPP3MSDE,            # k-diffusion's DPM-Solver++(3M) SDE
+    "er-sde": ERSDE,                       # ER-SDE-Solver-3 (Cui et al. 2023; ComfyUI er_sde)
+    "sa-solver": SASolver,                 # SA-Solver (Xue et al. 2023): stochastic Adams predictor-corrector
     "deis": DEIS,                          # DEIS tAB / rhoAB / logrho (Zhang & Chen 2022)
     "pndm": PNDM,                          # PNDM (Liu et al. 2022): pseudo RK4 warm-up, then PLMS
     "plms": PLMS,                          # PLMS (Liu et al. 2022), diffusers' skip_prk_steps warm-up

@@ -271,7 +271,7 @@ class FixedGridSolver(Solver):
                         corrector.offset)
         x_new = combine(stage.a, x, stage.coeffs, [by_index[j] for j in stage.points], stage.offset)
         if stage.noise_std:
-            z = torch.randn(x_new.shape, generator=state.generator, device=x_new.device, dtype=x_new.dtype)
+            z = self._noise(state, i, x_new)
             x_new.add_(z.mul_(stage.noise_std))  # = x_new + noise_std * z (same kernels), both tensors fresh
         keep_from = stage.keep_from
         if history[-1][0] < keep_from:  # newest first: what is kept is a prefix
@@ -286,6 +286,12 @@ class FixedGridSolver(Solver):
         if type(state) is State:  # direct construction: ~1 us per step cheaper than dataclasses.replace
             return State(x, x_new, i + 1, anchor, state.nodes, stages, history, state.generator, x_prev)
         return replace(state, x=x, x_eval=x_new, i=i + 1, anchor_index=anchor, history=history, x_prev=x_prev)
+
+    def _noise(self, state: State, i: int, like: torch.Tensor) -> torch.Tensor:
+        """The standard normal z of stage ``i``'s noise ``noise_std * z``, shaped like ``like``: a fresh tensor the
+        engine scales in place. Default: ``torch.randn`` with the state's generator. A solver overrides this to
+        draw from another source (a Brownian tree, a k-diffusion noise sampler; see ``solvers.stochastic``)."""
+        return torch.randn(like.shape, generator=state.generator, device=like.device, dtype=like.dtype)
 
     def current(self, state: State):
         # The latest estimate at a grid time: the solution, or a singlestep block's intermediate point.
