@@ -131,6 +131,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``dpmsolve`` command and its sub-commands."""
+    from .evaluate_cli import EXAMPLES as EVALUATE_EXAMPLES, add_arguments as add_evaluate_arguments
+    from .generate_cli import EXAMPLES as GENERATE_EXAMPLES, add_arguments as add_generate_arguments
     from .sample_cli import EXAMPLES as SAMPLE_EXAMPLES, add_arguments as add_sample_arguments
 
     parser = argparse.ArgumentParser(prog="dpmsolve", description="Fast samplers for diffusion and flow models.",
@@ -185,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "pipeline saved on disk, with a dpmsolve solver",
                      epilog=SAMPLE_EXAMPLES)
     add_sample_arguments(sample)
+
+    generate = command("generate", "one image per seed (for FID-style evaluation), on one process or many "
+                                   "(torchrun --nproc_per_node N -m dpmsolve generate ...); the same files either way, "
+                                   "resumable", epilog=GENERATE_EXAMPLES)
+    add_generate_arguments(generate)
+    evaluate = command("evaluate", "score a folder written by dpmsolve generate with the shipped models' metrics "
+                                   "(digits-FD, class accuracy, patches distance), streaming", epilog=EVALUATE_EXAMPLES)
+    add_evaluate_arguments(evaluate)
     return parser
 
 
@@ -273,7 +283,20 @@ def _tune(args) -> int:
     return 0
 
 
-_COMMANDS = {"sample": _sample, "demo": _demo, "bench": _bench, "tune": _tune}
+def _generate(args) -> int:
+    from .generate_cli import run_from_args
+
+    return run_from_args(args)
+
+
+def _evaluate(args) -> int:
+    from .evaluate_cli import run_from_args
+
+    return run_from_args(args)
+
+
+_COMMANDS = {"sample": _sample, "demo": _demo, "bench": _bench, "tune": _tune, "generate": _generate,
+             "evaluate": _evaluate}
 
 
 def _zoo_problems():

@@ -148,7 +148,8 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
             lambda_batch: int = 1, probes: int = 1, fd_step: float | None = None, smooth: int = 5,
             var_floor: float = 1e-8,
             trajectory_refine: int = 2, seed: int = 0, checkpoint=None, progress: bool | None = None,
-            model_id: str = "", dtype: torch.dtype | None = None, device=None, jvp: str = "forward") -> EMS:
+            model_id: str = "", dtype: torch.dtype | None = None, device=None, jvp: str = "forward",
+            group=None) -> EMS:
     """Estimate l, s, b of ``denoiser`` on ``n_lambdas + 1`` nodes uniform in log-SNR.
 
     Args:
@@ -191,6 +192,11 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
             ``'finite_difference'`` (fourth-order central difference along v with a step ~ sigma_t scaled to the
             network's precision, evaluated in float64 where the denoiser accepts it; 5 evaluations per probe,
             for denoisers forward-mode AD cannot trace, e.g. ones that call numpy).
+        group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD`` under ``torchrun``)
+            to split the batches over: rank r of W takes batches r, r + W, ...; the sums are then added with one
+            ``all_reduce``, and every rank returns the same statistics, equal to one process's to round-off (each
+            batch draws its random numbers from its own seed, whoever computes it). Call it on every rank with the
+            same arguments; a ``checkpoint`` path then gets the suffix ``.rank{r}of{W}`` (one file per rank).
 
     The result is checked with :meth:`EMS.diagnose`: statistics that look unsound (spikes of s that would blow
     up DPM-Solver-v3's steps) are returned with an :class:`~dpmsolve.ems.EMSWarning` naming the nodes and the fix.
@@ -239,15 +245,21 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
                 "jvp": jvp}
     sums = {k: np.zeros((n_lambdas + 1,) + stat_shape) for k in MOMENTS}
     done, elapsed, fd_state = 0, 0.0, {}
+    rank, world = _rank_of(group)
+    mine = list(range(rank, batches.count, world))          # this rank's batches (all of them on one process)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
+    saved = settings                                        # what a checkpoint must match
+    if checkpoint is not None and world > 1:
+        checkpoint = checkpoint.with_name(f"{checkpoint.name}.rank{rank}of{world}")
+        saved = {**settings, "rank": rank, "world": world}
     if checkpoint is not None and checkpoint.is_file():
-        done, elapsed = _resume(checkpoint, settings, sums)
+        done, elapsed = _resume(checkpoint, saved, sums)
 
-    bar = tqdm(total=batches.count * (n_lambdas + 1), initial=done * (n_lambdas + 1), desc="dpmsolve EMS",
-               unit="node", disable=None if progress is None else not progress, leave=False)
+    bar = tqdm(total=len(mine) * (n_lambdas + 1), initial=done * (n_lambdas + 1), desc="dpmsolve EMS",
+               unit="node", disable=(None if progress is None else not progress) if rank == 0 else True, leave=False)
     start = time.perf_counter()
     try:
-        for k in range(done, batches.count):
+        for k in mine[done:]:
             x0, n, kwargs = batches[k]
             den, call_kwargs = _resolve(denoiser, kwargs)
             gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + k)
@@ -277,12 +289,14 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
                     for key, value in node_moments.items():
                         sums[key][j] += np.reshape(value, stat_shape)
                 bar.update(len(nodes))
-            done = k + 1
-            if checkpoint is not None and done < batches.count:
-                _save_checkpoint(checkpoint, settings, sums, done, elapsed + time.perf_counter() - start)
+            done += 1
+            if checkpoint is not None and done < len(mine):
+                _save_checkpoint(checkpoint, saved, sums, done, elapsed + time.perf_counter() - start)
     finally:
         bar.close()
     wall = elapsed + time.perf_counter() - start
+    if world > 1:
+        _all_reduce_sums(sums, group, device)
     l, s, b = statistics_from_moments(lambdas, sums, float(batches.n * per_point), smooth=smooth,
                                       var_floor=var_floor)
     if checkpoint is not None and checkpoint.is_file():
@@ -295,6 +309,34 @@ def compute(denoiser: Denoiser | Callable[[dict], Denoiser], data: torch.Tensor 
     if problem:                                # returned all the same: hours of work are not thrown away
         warnings.warn(problem, EMSWarning, stacklevel=2)
     return ems
+
+
+def _rank_of(group) -> tuple[int, int]:
+    """(rank, world size) in ``group`` (None: one process)."""
+    if group is None:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise EMSError("group= was given but torch.distributed is not initialised; launch with torchrun and call "
+                       "torch.distributed.init_process_group() first, or pass group=None.")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_reduce_sums(sums: dict, group, device) -> None:
+    """Add every rank's sums (float64, in one ``all_reduce``; on the device for an NCCL group)."""
+    import torch.distributed as dist
+
+    keys = list(sums)
+    flat = torch.from_numpy(np.concatenate([sums[k].reshape(-1) for k in keys]))
+    if dist.get_backend(group) == "nccl":
+        flat = flat.to(device if device is not None and torch.device(device).type == "cuda" else "cuda")
+    dist.all_reduce(flat, group=group)
+    flat, start = flat.cpu().numpy(), 0
+    for k in keys:
+        size = sums[k].size
+        sums[k][...] = flat[start:start + size].reshape(sums[k].shape)
+        start += size
 
 
 def _trajectory(den, schedule, times, x0, n, shape, gen, dtype, device, refine, kwargs) -> list[torch.Tensor]:
