@@ -542,9 +542,11 @@ def _done(name: str, endpoint: str, nfe: int, cell: dict, t_tune: float, t_eval:
         f"(peer {cell['best_peer']}); bar {'met' if cell['bar']['all'] else 'FAILED'}")
 
 
-def refresh_default(out: Path, endpoint: str, name: str, reference: str) -> None:
-    """Measure the default plan again in every stored cell of ``name`` (after a change of the default), against
-    the cell's best peer run again on the same noises for the paired ratios; the rest of the cell is kept."""
+def refresh(out: Path, endpoint: str, name: str, reference: str, what: str) -> None:
+    """Measure the default plan (``what="default"``, after a change of the default) or the tuned plan
+    (``"tuned"``: tuned again for analytic problems, the shipped or ``tune_model`` plan for zoo models, after a
+    change of the tuner) again in every stored cell of ``name``, against the cell's best peer run again on the
+    same noises for the paired ratios; the rest of the cell (every other peer) is kept."""
     from dpmsolve.lab.peers import run_peer
 
     data = load(out, endpoint)
@@ -553,29 +555,78 @@ def refresh_default(out: Path, endpoint: str, name: str, reference: str) -> None
         return log(f"{name} [{endpoint}]: nothing stored to refresh")
     meta = {k: v for k, v in entry.items() if k not in ("cells", "plans")}
     if meta["kind"] == "analytic":
-        evaluation, _ = analytic_problems(name, meta["samples"], meta["tune_samples"])
+        evaluation, tuning = analytic_problems(name, meta["samples"], meta["tune_samples"])
         ref = evaluation.reference(endpoint)
+        ref_tune = tuning.reference(endpoint) if what == "tuned" else None
     else:
         from dpmsolve.lab.neural import zoo_problem
 
         evaluation = zoo_problem(name, n=meta["samples"], seed=EVAL_SEED, guidance=ZOO[name])
         ref = zoo_reference(evaluation, endpoint, reference)
     threshold = meta["threshold"]
-    for key, cell in sorted(entry["cells"].items(), key=lambda kv: int(kv[0])):
+    cells = sorted(entry["cells"].items(), key=lambda kv: int(kv[0]))
+    zoo_plans = {}
+    if what == "tuned" and meta["kind"] == "zoo":
+        zoo_plans = _zoo_plans(name, endpoint, [int(k) for k, _ in cells])
+    for key, cell in cells:
         nfe, best = int(key), cell.get("best_peer")
+        record = entry["plans"].get(key)
+        t0 = time.perf_counter()
+        if what == "default":
+            plan = None
+        elif meta["kind"] == "analytic":
+            plan = dp.tune(tuning.denoiser, tuning.x_T, nfe, reference=ref_tune, endpoint=endpoint, seed=0,
+                           progress=False)
+            record = _plan_record(plan, f"tuned ({meta['tune_samples']} noises)", time.perf_counter() - t0)
+        else:
+            plan, source, seconds = zoo_plans[nfe]
+            record = _plan_record(plan, source, seconds)
         with torch.no_grad():
-            out_x = dp.sample(evaluation.denoiser, evaluation.x_T, steps=nfe,
-                              t_end=0.0 if endpoint == "zero" else None, progress=False).x
-        cell["default"], errors = _stats(out_x, ref, threshold)
+            if plan is None:
+                out_x = dp.sample(evaluation.denoiser, evaluation.x_T, steps=nfe,
+                                  t_end=0.0 if endpoint == "zero" else None, progress=False).x
+            else:
+                out_x = dp.sample(evaluation.denoiser, evaluation.x_T, plan, progress=False).x
+        cell[what], errors = _stats(out_x, ref, threshold)
         if best:
             _, peer_errors = _stats(run_peer(best, evaluation.denoiser, evaluation.x_T, nfe, endpoint).x, ref,
                                     threshold)
-            cell["ratio_default"] = {"median": _ratio(errors, peer_errors, "median"),
+            cell[f"ratio_{what}"] = {"median": _ratio(errors, peer_errors, "median"),
                                      "rmse": _ratio(errors, peer_errors, "rmse")}
-        store(out, endpoint, name, meta, nfe, cell, entry["plans"].get(key))
-        log(f"{name} [{endpoint}] NFE {nfe}: default refreshed, default/peer "
-            f"{cell.get('ratio_default', {}).get('median', [float('nan')])[0]:.2f}")
+            if what == "tuned":
+                peer, t = cell["peers"][best], cell["tuned"]
+                cell["bar"] = {"median": cell["ratio_tuned"]["median"][0] <= MEDIAN_BAR,
+                               "far": t["far"] <= peer["far"] + FAR_SLACK + 1e-12, "rmse": t["rmse"] <= peer["rmse"]}
+                cell["bar"]["all"] = all(cell["bar"].values())
+        store(out, endpoint, name, meta, nfe, cell, record)
+        log(f"{name} [{endpoint}] NFE {nfe}: {what} refreshed, {what}/peer "
+            f"{cell.get(f'ratio_{what}', {}).get('median', [float('nan')])[0]:.2f}")
     rebuild(out)
+
+
+def _zoo_plans(name: str, endpoint: str, nfes: list[int]) -> dict[int, tuple[dp.Plan, str, float | None]]:
+    """(plan, source, tuning seconds) per NFE: the shipped plan where one loads, else tune_model (all at once)."""
+    from dpmsolve import zoo
+    from dpmsolve.tuning import PlanError
+    from dpmsolve.zoo import plans as zoo_plans
+
+    guidance, found, todo = ZOO[name], {}, []
+    for nfe in nfes:
+        try:
+            if endpoint != "zero":
+                raise PlanError("shipped plans end at sigma = 0")
+            found[nfe] = (zoo.plan(name, nfe, guidance), f"shipped ({zoo_plans.plan_path(name, nfe, guidance).name})",
+                          None)
+        except PlanError:
+            todo.append(nfe)
+    if todo:
+        t = time.perf_counter()
+        plans = zoo_plans.tune_model(name, todo, guidance, endpoint=endpoint, progress=False)
+        seconds = time.perf_counter() - t
+        for nfe in todo:
+            found[nfe] = (plans[nfe], f"tune_model ({zoo_plans.SAMPLES[name]} noises, seed {zoo_plans.NOISE_SEED})",
+                          seconds)
+    return found
 
 
 def main() -> None:
@@ -600,6 +651,9 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from the JSON")
     parser.add_argument("--refresh-default", action="store_true",
                         help="measure only the default plan again in the stored cells (after a change of the default)")
+    parser.add_argument("--refresh-tuned", action="store_true",
+                        help="tune and measure only the tuned plans again in the stored cells (after a change of the "
+                             "tuner; zoo models: the shipped plans)")
     args = parser.parse_args()
     out = Path(args.out)
     if args.report_only:
@@ -618,8 +672,9 @@ def main() -> None:
             endpoints = ("zero", "t_min") if args.endpoint == "both" else (args.endpoint,)
         for endpoint in endpoints:
             t0 = time.perf_counter()
-            if args.refresh_default:
-                refresh_default(out, endpoint, name, args.zoo_reference)
+            if args.refresh_default or args.refresh_tuned:
+                for what in ("default",) * args.refresh_default + ("tuned",) * args.refresh_tuned:
+                    refresh(out, endpoint, name, args.zoo_reference, what)
             elif zoo_model:
                 run_zoo(name, endpoint, args.nfes, args.zoo_samples or ZOO_SAMPLES[name], peers, out,
                         args.zoo_reference, args.resume)

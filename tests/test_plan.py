@@ -1,5 +1,6 @@
 """Plans: a grid plus per-step settings, run by the fixed-grid engine (dpmsolve.tuning.plan)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -116,6 +117,8 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     ({"predict": "velocity"}, "predict"), ({"order": 4}, "order"), ({"order": 2.5}, "order"),
     ({"rule": "midpoint"}, "rule"), ({"corrector": "v3"}, "corrector"), ({"compensation": float("nan")}, "finite"),
     ({"compensation": 0.2, "rule": "dpmsolver"}, "taylor"),
+    ({"scale": (1.0, float("inf"))}, "finite"), ({"scale": "1"}, "list"), ({"corrector_scale": (1.0,)}, "corrector"),
+    ({"scale": (1.0, 1.0), "method": "singlestep"}, "Singlestep"),
 ])
 def test_bad_step_settings_are_refused(kwargs, match):
     with pytest.raises(PlanError, match=match):
@@ -147,3 +150,26 @@ def test_singlestep_blocks_reproduce_the_singlestep_solver(mixture, predict, nam
     expected = dp.sample(den, x_T, name, method="singlestep", orders=tuple(blocks), grid=ts, progress=False)
     got = dp.sample(den, x_T, plan, progress=False)
     assert torch.equal(expected.x, got.x) and got.nfe == expected.nfe == len(plan_steps)
+
+
+def test_coefficient_scales_multiply_the_update(mixture, tmp_path):
+    # x' = a x + sum_j c_j m_j with (a, c_j) scaled: a one-step plan checked against the DPM-Solver++ 1 update by hand
+    den, x = mixture
+    s, t = 0.8, 0.5
+    plan = Plan((s, t), (PlanStep("data", 1, "taylor", scale=(1.5, 0.75)),))
+    out = dp.sample(den, x, plan, progress=False).x
+    (a_s, sig_s), (a_t, sig_t) = SCHEDULE.alpha_sigma(s), SCHEDULE.alpha_sigma(t)
+    h = float(SCHEDULE.log_snr(t) - SCHEDULE.log_snr(s))
+    expected = 1.5 * (sig_t / sig_s) * x + 0.75 * a_t * (-np.expm1(-h)) * den(x, s).x0
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # scales of 1 are the plain plan, bit for bit; a scaled plan survives save / load
+    ts = dp.make_grid(SCHEDULE, 6, "logSNR", t_end=0.0)
+    plain = Plan.multistep(ts, corrector="unic-bh2", rule="bh2")
+    ones = Plan(plain.ts, tuple(dataclasses.replace(st, scale=(1.0,) * (1 + min(2, i + 1)) if i < 5 else (),
+                                                    corrector_scale=(1.0,) * (2 + min(2, i + 1)) if st.corrector else ())
+                                for i, st in enumerate(plain.steps)))
+    assert torch.equal(dp.sample(den, x, ones, progress=False).x, dp.sample(den, x, plain, progress=False).x)
+    assert Plan.load(ones.save(tmp_path / "p.json")) == ones
+    wrong = Plan(plain.ts, (dataclasses.replace(plain.steps[0], scale=(1.0, 1.0, 1.0)),) + plain.steps[1:])
+    with pytest.raises(PlanError, match="scale has 3 values"):
+        dp.sample(den, x, wrong, progress=False)

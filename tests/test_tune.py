@@ -67,8 +67,9 @@ def test_tuner_is_deterministic_and_counts_every_evaluation():
         assert plans[0][k].nfe == k
     cost = [plans[0][k].info["cost"] for k in (3, 5)]
     assert cost[0]["reference_evaluations"] == cost[1]["reference_evaluations"] > 0   # references shared
-    # every batched call: references once, each NFE's search, and the final held-out / tuning checks
-    total = cost[0]["reference_evaluations"] + sum(c["search_evaluations"] + c["check_evaluations"] for c in cost)
+    # every batched call: references once, each NFE's search and coefficient fit, the final checks
+    total = cost[0]["reference_evaluations"] + sum(c["search_evaluations"] + c["check_evaluations"]
+                                                   + c["fit_evaluations"] for c in cost)
     assert len(calls) / 2 == total           # two identical tune() calls
 
 
@@ -87,6 +88,35 @@ def test_per_sample_conditioning_travels_with_the_noise():
     guided = dp.ClassifierFreeGuidance(base, 2.0, cond={"y": labels}, uncond={"y": torch.full_like(labels, -1)})
     plan = dp.tune(guided, x_T, 5, budget=40, reference_rtol=1e-6)   # labels sliced inside the wrapper
     assert plan.info["held_out"]["n"] == 12 and np.isfinite(plan.info["held_out"]["median"])
+
+
+def test_coefficient_fit_is_kept_only_when_the_check_noises_confirm_it():
+    # A Gaussian-data plan at 4 steps: fitting its coefficient scales lowers the objective on noises the fit never saw
+    # (fresh ones, against the exact flow); a model that is not differentiable leaves the plan as it was.
+    from dpmsolve.tuning.search import fit_scales
+
+    problem, den = gaussian()
+    x_fit, x_check, x_fresh = noise(48, 11), noise(16, 12), noise(256, 13)
+    plan = Plan.multistep(dp.make_grid(SCHEDULE, 4, "time_uniform", t_end=0.0), corrector="unic-bh2", rule="bh2")
+    fitted, info = fit_scales(plan, den, x_fit, exact(problem, x_fit), 1e-12, x_check, exact(problem, x_check), den,
+                              iterations=30)
+    assert info["kept"] and info["check_after"] < info["check_before"] and info["iterations"] == 30
+    assert info["evaluations"] == 30 * 4 + 2 * 4 - 1           # fit runs + the check of both plans (first call shared)
+    assert all(s.scale for s in fitted.steps[:-1]) and not fitted.steps[-1].scale   # not the jump to sigma = 0
+    ref = exact(problem, x_fresh)
+    errors = [plan_errors(dp.sample(den, x_fresh, p, progress=False).x, ref).log().mean() for p in (plan, fitted)]
+    assert errors[1] < errors[0] - 0.1, errors
+
+    class Detached(dp.Denoiser):
+        schedule = SCHEDULE
+
+        def __call__(self, x, t, **kw):
+            p = den(x, t, **kw)
+            return type(p)(p.x0.detach(), p.eps.detach())
+
+    same, info = fit_scales(plan, Detached(), x_fit, exact(problem, x_fit), 1e-12, x_check, exact(problem, x_check),
+                            Detached(), iterations=5)
+    assert same == plan and not info["kept"] and "differentiable" in info["why"]
 
 
 def test_bad_arguments_are_refused():

@@ -6,7 +6,8 @@ is a multistep step or part of a singlestep block, its order (how many evaluatio
 weighting rule of the derivative
 terms, an optional UniC corrector (Zhao et al. 2023) of the step's result, and a DC-Solver-style compensation
 (Zhao et al. 2024): the step's expansion point moved by ``compensation * h`` in lambda, which re-times the
-stored predictions to offset their misalignment. Plans are found by :func:`dpmsolve.tune` (the USF idea
+stored predictions to offset their misalignment, and learned multipliers of the step's coefficients (the solver
+coefficients fitted to the model, as S4S does: Frankel et al. 2025). Plans are found by :func:`dpmsolve.tune` (the USF idea
 of searching the solver per step: Liu et al. 2023) or written by hand, saved as small JSON
 files and validated on load against the schedule, sample shape and model they were made for.
 
@@ -31,7 +32,7 @@ from ..solvers.dpm_solver import CORRECTORS
 
 __all__ = ["Plan", "PlanStep", "PlanSolver", "PlanError", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: PlanStep.scale / corrector_scale
 PREDICTS = ("data", "noise")
 
 
@@ -58,6 +59,10 @@ class PlanStep:
             DPM-Solver-k step from its start through the model evaluated at the grid times inside it (Lu et al. 2022,
             Alg. 1-2; the intermediate points are Taylor steps, the block's last step uses ``rule``). No corrector
             or compensation on singlestep steps.
+        scale: multipliers of the step's update coefficients ``(a, c_1, .., c_k)`` in
+            ``x' = a x + sum_j c_j m_j`` (k: the points the step interpolates); empty: all 1. Found by the tuner's
+            coefficient refinement; multistep steps only.
+        corrector_scale: the same for the step's corrector (k + 1 points); needs a corrector.
     """
 
     predict: str = "data"
@@ -66,6 +71,8 @@ class PlanStep:
     corrector: str | None = None
     compensation: float = 0.0
     method: str = "multistep"
+    scale: tuple[float, ...] = ()
+    corrector_scale: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.predict not in PREDICTS:
@@ -85,6 +92,18 @@ class PlanStep:
             raise PlanError(f"A plan step's method must be 'multistep' or 'singlestep', got {self.method!r}.")
         if self.method == "singlestep" and (self.corrector or self.compensation):
             raise PlanError("Singlestep steps take no corrector or compensation.")
+        for name in ("scale", "corrector_scale"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise PlanError(f"A plan step's {name} must be a list of numbers, got {value!r}.")
+            value = tuple(value)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+                raise PlanError(f"A plan step's {name} must hold finite numbers, got {list(value)!r}.")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if self.scale and self.method == "singlestep":
+            raise PlanError("Singlestep steps take no coefficient scale.")
+        if self.corrector_scale and self.corrector is None:
+            raise PlanError("A plan step's corrector_scale needs a corrector.")
         if self.compensation and (self.rule != "taylor" or self.order < 2):
             raise PlanError("Compensation moves the expansion point of the interpolating polynomial: it needs "
                             f"rule='taylor' and order >= 2 (got rule={self.rule!r}, order={self.order}).")
@@ -97,6 +116,7 @@ class PlanStep:
         text = f"{'D' if self.predict == 'data' else 'N'}{self.order}{'S' if self.method == 'singlestep' else ''}"
         text += self.rule[:2]
         text += "+C" if self.corrector else ""
+        text += "*" if self.scale or self.corrector_scale else ""
         return text + (f"~{self.compensation:+.2f}" if self.compensation else "")
 
 
@@ -249,7 +269,8 @@ class Plan:
                  f"{self.model or '(any)'}",
                  "  times:  " + " ".join(f"{t:.4g}" for t in self.ts),
                  "  steps:  " + " ".join(s.short() for s in self.steps)
-                 + "   (D/N: data/noise prediction, order, S: singlestep, rule, +C: UniC corrector, ~: compensation)"]
+                 + "   (D/N: data/noise prediction, order, S: singlestep, rule, +C: UniC corrector, *: fitted coefficient "
+                 "scales, ~: compensation)"]
         info = self.info
         if info:
             lines.append(f"  tuned: {info.get('candidate', '?')}; objective {info.get('objective', '?')}")
@@ -258,10 +279,17 @@ class Plan:
                     r = info[key]
                     lines.append(f"  {label} ({r['n']}): median error {r['median']:.4g} (start {r['start_median']:.4g}),"
                                  f" RMSE {r['rmse']:.4g} (start {r['start_rmse']:.4g}), far {100 * r['far']:.1f}%")
+            if "fit" in info:
+                f = info["fit"]
+                verdict = "kept" if f["kept"] else f"not kept ({f['why']})"
+                lines.append(f"  coefficient fit: {f['parameters']} scales, {f['iterations']} iterations; check-noise "
+                             f"objective {f['check_before']:.4g} -> {f.get('check_after', f['check_before']):.4g}, "
+                             f"{verdict}")
             if "cost" in info:
                 c = info["cost"]
                 lines.append(f"  cost: {c['model_evaluations']} model evaluations ({c['reference_evaluations']} for "
-                             f"references, {c['search_evaluations']} in the search), {c['seconds']:.1f} s")
+                             f"references, {c['search_evaluations']} in the search, {c.get('fit_evaluations', 0)} in "
+                             f"the coefficient fit), {c['seconds']:.1f} s")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -343,6 +371,13 @@ class PlanSolver(FixedGridSolver):
             coeffs = interpolation_coefficients(rhos - step.compensation, w)
         else:
             a, coeffs = step_coefficients(step.form, s, t, rhos, rule)
+        scale = step.corrector_scale if end in points else step.scale
+        if scale:
+            if len(scale) != len(points) + 1:
+                kind = "corrector_scale" if end in points else "scale"
+                raise PlanError(f"Step {anchor}'s {kind} has {len(scale)} values, but its update has {len(points) + 1} "
+                                f"coefficients (a and {len(points)} point(s)); the plan's steps do not fit together.")
+            a, coeffs = a * scale[0], [c * f for c, f in zip(coeffs, scale[1:])]
         return a, tuple(float(c) for c in coeffs), 0.0, None
 
     def _to_zero(self, nodes, i):

@@ -11,8 +11,11 @@ the noises into a tuning and a held-out part, and minimises the tuning objective
   pattern search over the time grid that moves one time at a time inside the gap to its neighbours (in
   lambda; the last evaluated time before a jump to sigma = 0 is free too), with a prefix cache (a move of time
   k leaves the evaluations before k unchanged, so they are reused), (3) per step, the order, the prediction,
-  the corrector and the compensation of the best plan, then (4) the grid once more. Deterministic: no randomness anywhere but
-  the split, which ``seed`` fixes.
+  the corrector and the compensation of the best plan, then (4) the grid once more, and (5) the solver coefficients
+  themselves: multipliers of every step's (and corrector's) update coefficients fitted by gradient descent through
+  the model (as S4S fits solver coefficients: Frankel et al. 2025), kept only when they also lower the objective on
+  a quarter of the tuning noises that the fit does not see. Deterministic: no randomness anywhere but the splits,
+  which ``seed`` fixes.
 * **Held out**: a part of the noises that the search never sees measures the chosen plan (``plan.info``,
   ``plan.report()``).
 """
@@ -20,6 +23,7 @@ the noises into a tuning and a held-out part, and minimises the tuning objective
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 import time
@@ -225,6 +229,97 @@ def _step_search(runner: _Runner, plan: Plan, value: float, floor: float, budget
     return plan, value
 
 
+# ------------------------------------------------------------------------------------------ fitted coefficients
+def _scalable(plan: Plan, i: int) -> bool:
+    """Whether step i's coefficients may be scaled: multistep steps, not the jump to sigma = 0."""
+    return plan.steps[i].method == "multistep" and not (plan.ts[-1] == 0.0 and i == len(plan.steps) - 1)
+
+
+def _scaled_run(plan: Plan, denoiser: Denoiser, x: torch.Tensor, thetas: dict) -> torch.Tensor:
+    """The plan's sample with step coefficients multiplied by ``1 + theta`` (differentiable in the thetas):
+    ``thetas[(i, "scale")]`` scales stage i's update, ``thetas[(i, "corrector_scale")]`` step i's corrector (which
+    the engine applies at stage i + 1)."""
+    solver = plan.solver()
+    state = solver.init(denoiser.schedule, np.asarray(plan.ts), x)
+    stages = list(state.stages)
+    for (i, kind), theta in thetas.items():
+        j = i if kind == "scale" else i + 1
+        target = stages[j] if kind == "scale" else stages[j].corrector
+        f = 1.0 + theta
+        target = target._replace(a=target.a * f[0], coeffs=tuple(c * f[q + 1] for q, c in enumerate(target.coeffs)))
+        stages[j] = target if kind == "scale" else stages[j]._replace(corrector=target)
+    state = dataclasses.replace(state, stages=tuple(stages))
+    while not solver.done(state):
+        x_eval, t = solver.ask(state)
+        pred = denoiser(x_eval, t)
+        if x_eval.requires_grad and not pred.x0.requires_grad:
+            raise _NotDifferentiable
+        state = solver.tell(state, pred)
+    x_out, t_out = solver.current(state)
+    return denoiser(x_out, t_out).x0 if plan.denoise_to_zero else x_out
+
+
+class _NotDifferentiable(Exception):
+    """The model's prediction does not depend differentiably on its input (detached, or computed without grad)."""
+
+
+def _with_scales(plan: Plan, thetas: dict) -> Plan:
+    steps = list(plan.steps)
+    for (i, kind), theta in thetas.items():
+        values = tuple(round(1.0 + float(v), 6) for v in theta.detach())
+        steps[i] = dataclasses.replace(steps[i], **{kind: values})
+    return dataclasses.replace(plan, steps=tuple(steps))
+
+
+def fit_scales(plan: Plan, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tensor, floor: float,
+               x_check: torch.Tensor, ref_check: torch.Tensor, denoiser_check: Denoiser, iterations: int = 40,
+               lr: float = 0.02) -> tuple[Plan, dict]:
+    """Fit multipliers of the plan's update coefficients (Adam on the mean log per-sample error, through the
+    model), kept only if the check noises' objective drops too. Returns (plan, what happened)."""
+    base = dataclasses.replace(plan, steps=tuple(dataclasses.replace(s, scale=(), corrector_scale=())
+                                                  for s in plan.steps))
+    _, stages = base.solver().plan(denoiser.schedule, np.asarray(base.ts))
+    thetas = {}
+    for i in range(len(base.steps)):
+        if _scalable(base, i):
+            thetas[(i, "scale")] = torch.zeros(len(stages[i].points) + 1, dtype=torch.float64, requires_grad=True)
+            if base.steps[i].corrector is not None:
+                n = len(stages[i + 1].corrector.points) + 1
+                thetas[(i, "corrector_scale")] = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    check = _Runner(denoiser_check, x_check, ref_check)
+    before = _objective(check.errors(base), floor)
+    info = {"parameters": sum(t.numel() for t in thetas.values()), "iterations": 0, "check_before": before,
+            "evaluations": 0, "backward_passes": 0}
+    if not thetas or iterations <= 0:
+        return base, {**info, "evaluations": check.evaluations, "kept": False, "why": "nothing to fit"}
+    work = torch.promote_types(x.dtype, torch.float32)
+    x, ref = x.to(work), ref.to(torch.float64)
+    optimiser = torch.optim.Adam(list(thetas.values()), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, iterations)
+    for _ in range(iterations):
+        optimiser.zero_grad()
+        with torch.enable_grad():
+            try:
+                out = _scaled_run(base, denoiser, x, thetas)
+            except _NotDifferentiable:
+                info["evaluations"] += check.evaluations + 2
+                return base, {**info, "kept": False, "why": "the model's output is not differentiable in its input"}
+            info["evaluations"] += base.nfe
+            loss = torch.log(plan_errors(out, ref) + floor).mean()
+            if not torch.isfinite(loss):
+                break
+            loss.backward()
+        info["backward_passes"] += 1
+        info["iterations"] += 1
+        optimiser.step()
+        schedule.step()
+    fitted = _with_scales(base, thetas)
+    after = _objective(check.errors(fitted), floor)
+    info.update(check_after=after, evaluations=info["evaluations"] + check.evaluations)
+    kept = after < before - 1e-3
+    return (fitted if kept else base), {**info, "kept": kept, "why": "" if kept else "no gain on the check noises"}
+
+
 # ------------------------------------------------------------------------------------------------- interface
 def _subset(value, idx: torch.Tensor, n: int):
     if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
@@ -305,8 +400,8 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
          reference: torch.Tensor | None = None, reference_steps: int = 200, reference_rtol: float | None = None,
          families: Sequence = FAMILIES,
          budget: int | None = None, budget_per_nfe: int = 150, moves: Sequence[float] = MOVES,
-         per_step: bool = True, seed: int = 0, schedule: Schedule | None = None, model: str | None = None,
-         progress: bool | None = None) -> Plan | dict[int, Plan]:
+         per_step: bool = True, fit_iterations: int = 40, seed: int = 0, schedule: Schedule | None = None,
+         model: str | None = None, progress: bool | None = None) -> Plan | dict[int, Plan]:
     """Search a plan (time grid and per-step solver settings) for ``denoiser`` at ``nfe`` model evaluations.
 
     Args:
@@ -327,7 +422,9 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
             apart.
         moves: the fractions of the gap to a neighbour by which the grid search moves a time (largest first).
         per_step: also search the per-step settings (order, prediction, corrector, compensation).
-        seed: fixes the tuning / held-out split (the search itself has no randomness).
+        fit_iterations: Adam iterations of the coefficient fit (each runs the plan on three quarters of the tuning
+            noises with gradients through the model: about 3 evaluations' cost per model call); 0: no fit.
+        seed: fixes the tuning / held-out split and the fit's check quarter (the search has no randomness).
         model: the model identifier stored in the plan (default: a hash of the network's parameters).
     """
     started = time.perf_counter()
@@ -347,6 +444,7 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
         raise ValueError(f"noise must be a batch of at least 8 start noises, shape (K, ...); got shape "
                          f"{tuple(noise.shape)}, i.e. {noise.shape[0] if noise.dim() else 0} noise(s). Pass more, "
                          "e.g. torch.randn(64, *data_shape).")
+    check_count("fit_iterations", fit_iterations, minimum=0)
     if not 0.0 <= held_out < 1.0:
         raise ValueError(f"held_out must be a share in [0, 1), got {held_out!r}.")
     model_kwargs = check_mapping("model_kwargs", model_kwargs)
@@ -384,6 +482,12 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
     identity = model if model is not None else model_identity(den_t)
     fields = dict(schedule=schedule.fingerprint(), data_shape=tuple(noise.shape[1:]), model=identity)
     grid = _Grid(schedule, to_zero, schedule.t_max, t_end)
+    # The coefficient fit's own split of the tuning noises: it fits on three quarters, keeps what the rest confirms.
+    order = torch.randperm(idx_tune.numel(), generator=torch.Generator().manual_seed(seed + 1))
+    n_check = idx_tune.numel() // 4
+    fit_parts = []
+    for pos in (order[n_check:].sort().values, order[:n_check].sort().values):
+        fit_parts += [_bind(denoiser, model_kwargs, idx_tune[pos], n), x_t[pos], ref_t[pos]]
     plans = {}
     from tqdm.auto import tqdm
 
@@ -395,6 +499,11 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
         limit = budget_per_nfe * k if budget is None else int(budget)
         plan, start_plan, info = _search(runner, grid, int(k), families, floor, limit, to_zero, tuple(moves),
                                          per_step)
+        fit_evals = 0
+        if fit_iterations > 0 and n_check >= 2:
+            den_f, x_f, ref_f, den_c, x_c, ref_c = fit_parts
+            plan, info["fit"] = fit_scales(plan, den_f, x_f, ref_f, floor, x_c, ref_c, den_c, int(fit_iterations))
+            fit_evals = info["fit"]["evaluations"]
         plan_final = Plan(plan.ts, plan.steps, plan.denoise_to_zero, **fields)
         info.update(objective="mean log per-sample RMS error (tuning noises)", endpoint=endpoint,
                     far_threshold=threshold, seed=seed)
@@ -407,8 +516,8 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
             info[name] = summary
             checked += check.evaluations
         info["cost"] = {"search_evaluations": runner.evaluations, "reference_evaluations": ref_evals,
-                        "check_evaluations": checked, "batch": int(x_t.shape[0]),
-                        "model_evaluations": runner.evaluations + ref_evals + checked,
+                        "check_evaluations": checked, "fit_evaluations": fit_evals, "batch": int(x_t.shape[0]),
+                        "model_evaluations": runner.evaluations + ref_evals + checked + fit_evals,
                         "runs": runner.runs, "seconds": time.perf_counter() - t0,
                         "seconds_with_references": time.perf_counter() - started}
         plans[int(k)] = Plan(plan.ts, plan.steps, plan.denoise_to_zero, info=info, **fields)
