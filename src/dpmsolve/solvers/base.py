@@ -19,6 +19,7 @@ How to add a solver:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import ClassVar, NamedTuple
@@ -198,10 +199,8 @@ class FixedGridSolver(Solver):
     def plan(self, schedule: Schedule, ts) -> tuple[tuple[Node, ...], tuple[Stage, ...]]:
         """Nodes and stages for the grid ``ts``. A grid ending at t = 0 (sigma = 0) ends with the jump to the x0
         prediction at the last evaluated point; it counts as the final step (e.g. for ``lower_order_final``)."""
-        ts = np.asarray(ts, dtype=np.float64)
-        to_zero = ts.size >= 2 and ts[-1] == 0.0
-        nodes = tuple(Node.at(schedule, float(t)) for t in (ts[:-1] if to_zero else ts))
-        nodes += (Node.zero(),) if to_zero else ()
+        nodes = tuple(grid_nodes(schedule, ts))
+        to_zero = nodes[-1].log_sigma == -math.inf
         self._check_nodes(schedule, nodes)
 
         specs = self._stages(len(nodes) - 1)
@@ -321,6 +320,24 @@ def _place(stage: Stage, x: torch.Tensor) -> Stage:
     return stage._replace(a=_as_tensor_like(stage.a, x), coeffs=tuple(_as_tensor_like(c, x) for c in stage.coeffs),
                           offset=_as_tensor_like(stage.offset, x), aux=_as_tensor_like(stage.aux, x),
                           corrector=corrector)
+
+
+def grid_nodes(schedule: Schedule, ts) -> list[Node]:
+    """The nodes of the grid ``ts`` (a final t = 0 as ``Node.zero()``: the jump to sigma = 0)."""
+    ts = np.asarray(ts, dtype=np.float64)
+    to_zero = ts.size >= 2 and ts[-1] == 0.0
+    return [Node.at(schedule, float(t)) for t in (ts[:-1] if to_zero else ts)] + ([Node.zero()] if to_zero else [])
+
+
+def stages_from(specs) -> tuple[Stage, ...]:
+    """Stages from ``(anchor, points, a, coeffs, noise_std, completes)`` per evaluation, with the history each
+    must keep (``keep_from``) filled in: for solvers that plan their own nodes (extra evaluation points)."""
+    stages, keep_from = [], len(specs)
+    for anchor, points, a, coeffs, noise_std, completes in reversed(specs):
+        stages.append(Stage(anchor, tuple(points), float(a), tuple(float(c) for c in coeffs), float(noise_std),
+                            completes, keep_from))
+        keep_from = min(keep_from, min(points))
+    return tuple(reversed(stages))
 
 
 def warmup_orders(order: int, steps: int, lower_order_final: bool) -> list[int]:

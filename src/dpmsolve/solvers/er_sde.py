@@ -22,7 +22,8 @@ import numpy as np
 
 from .._checks import check_count, check_order
 from ._exponential import Node
-from .stochastic import StochasticSolver, grid_nodes, stages_from
+from .base import grid_nodes, stages_from
+from .stochastic import StochasticSolver
 
 SOLVER_TYPES = ("er-sde", "reverse-sde", "ode")
 _GAUSS = np.polynomial.legendre.leggauss(32)

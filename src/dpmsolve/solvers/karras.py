@@ -18,7 +18,7 @@ import numpy as np
 
 from ..schedules import Schedule
 from ._exponential import Node
-from .base import FixedGridSolver, Stage
+from .base import FixedGridSolver, grid_nodes, stages_from
 
 
 def _euler(s: Node, t: Node) -> tuple[float, float]:
@@ -45,30 +45,23 @@ class _SigmaSpaceSolver(FixedGridSolver):
         raise TypeError(f"{type(self).__name__} takes one evaluation per step and has no second point.")
 
     def plan(self, schedule: Schedule, ts):
-        ts = np.asarray(ts, dtype=np.float64)
-        to_zero = ts.size >= 2 and ts[-1] == 0.0
-        grid = [Node.at(schedule, float(t)) for t in (ts[:-1] if to_zero else ts)]
-        grid += [Node.zero()] if to_zero else []
+        grid = grid_nodes(schedule, ts)
         self._check_nodes(schedule, tuple(grid))
-        nodes, specs = [grid[0]], []  # specs: (anchor, points, a, coeffs, completes)
+        nodes, specs = [grid[0]], []  # specs as in ``stages_from``
         for s, t in zip(grid[:-1], grid[1:]):
             i = len(nodes) - 1
             if t.log_sigma == -math.inf:  # Euler to sigma = 0: the x0 prediction itself
-                specs.append((i, (i,), 0.0, (1.0,), True))
+                specs.append((i, (i,), 0.0, (1.0,), 0.0, True))
             elif self._evaluations == 1:
                 a, c = _euler(s, t)
-                specs.append((i, (i,), a, (c,), True))
+                specs.append((i, (i,), a, (c,), 0.0, True))
             else:
                 mid, (a1, c1), (a2, c20, c21) = self._second(schedule, s, t)
-                specs.append((i, (i,), a1, (c1,), False))
-                specs.append((i, (i, i + 1), a2, (c20, c21), True))
+                specs.append((i, (i,), a1, (c1,), 0.0, False))
+                specs.append((i, (i, i + 1), a2, (c20, c21), 0.0, True))
                 nodes.append(mid)
             nodes.append(t)
-        stages, keep_from = [], len(specs)
-        for anchor, points, a, coeffs, completes in reversed(specs):
-            stages.append(Stage(anchor, points, float(a), tuple(float(c) for c in coeffs), 0.0, completes, keep_from))
-            keep_from = min(keep_from, min(points))
-        return tuple(nodes), tuple(reversed(stages))
+        return tuple(nodes), stages_from(specs)
 
     def step_completed(self, before, after) -> bool:
         return after.anchor_index != before.anchor_index

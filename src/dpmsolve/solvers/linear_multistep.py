@@ -28,7 +28,7 @@ from .._checks import check_number
 from .._checks import check_order as _check_order
 from ..schedules import Schedule
 from ._exponential import Form, Node, Rule, interpolation_coefficients, step_coefficients
-from .base import FixedGridSolver, Stage, warmup_orders
+from .base import FixedGridSolver, Stage, grid_nodes, stages_from, warmup_orders
 
 _NOISE = Form(data=False)
 
@@ -111,22 +111,6 @@ def fixed_adams(schedule: Schedule, grid, i: int, points) -> tuple[float, tuple[
     return a, tuple(c * b for b in adams_bashforth(len(points)))
 
 
-def stages_from(specs) -> tuple[Stage, ...]:
-    """Deterministic stages from (anchor, points, a, coeffs, completes), with the history each must keep."""
-    stages, keep_from = [], len(specs)
-    for anchor, points, a, coeffs, completes in reversed(specs):
-        stages.append(Stage(anchor, tuple(points), float(a), tuple(float(c) for c in coeffs), 0.0, completes,
-                            keep_from))
-        keep_from = min(keep_from, min(points))
-    return tuple(reversed(stages))
-
-
-def grid_nodes(schedule: Schedule, ts) -> list[Node]:
-    ts = np.asarray(ts, dtype=np.float64)
-    to_zero = ts.size >= 2 and ts[-1] == 0.0
-    return [Node.at(schedule, float(t)) for t in (ts[:-1] if to_zero else ts)] + ([Node.zero()] if to_zero else [])
-
-
 def _is_zero(node: Node) -> bool:
     return node.log_sigma == -math.inf
 
@@ -156,9 +140,9 @@ class _EpsMultistep(FixedGridSolver):
         for i, (_, points, _, _) in enumerate(self._stages(len(grid) - 1)):
             if _is_zero(grid[i + 1]) and not self._multistep_to_zero:
                 points, (a, c) = (i,), _transfer(grid[i], grid[i + 1])
-                specs.append((i, points, a, (c,), True))
+                specs.append((i, points, a, (c,), 0.0, True))
             else:
-                specs.append((i, points, *self._coefficients(schedule, grid, i, points), True))
+                specs.append((i, points, *self._coefficients(schedule, grid, i, points), 0.0, True))
         return tuple(grid), stages_from(specs)
 
     def step_completed(self, before, after) -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from ..schedules import Schedule
 from ._exponential import Node
-from .linear_multistep import _EpsMultistep, _is_zero, _transfer, adams_bashforth, grid_nodes, stages_from
+from .base import grid_nodes, stages_from
+from .linear_multistep import _EpsMultistep, _is_zero, _transfer, adams_bashforth
 
 
 class _Pseudo(_EpsMultistep):
@@ -34,15 +35,16 @@ class _Pseudo(_EpsMultistep):
             if kind == "rk4":  # pseudo RK4: e1..e4, x_{i+1} = phi(x_i, (e1 + 2 e2 + 2 e3 + e4) / 6)
                 mid = Node.at(schedule, 0.5 * (s.t + t.t))
                 am, cm = _transfer(s, mid)
-                specs += [(k, (k,), am, (cm,), False), (k, (k + 1,), am, (cm,), False), (k, (k + 2,), a, (c,), False),
-                          (k, (k, k + 1, k + 2, k + 3), a, (c / 6, c / 3, c / 3, c / 6), True)]
+                specs += [(k, (k,), am, (cm,), 0.0, False), (k, (k + 1,), am, (cm,), 0.0, False),
+                          (k, (k + 2,), a, (c,), 0.0, False),
+                          (k, (k, k + 1, k + 2, k + 3), a, (c / 6, c / 3, c / 3, c / 6), 0.0, True)]
                 nodes += [mid, mid, t, t]
             elif kind == "heun":  # PLMS warm-up: x* = phi(x_i, e0), x_{i+1} = phi(x_i, (e0 + e(x*)) / 2)
-                specs += [(k, (k,), a, (c,), False), (k, (k, k + 1), a, (c / 2, c / 2), True)]
+                specs += [(k, (k,), a, (c,), 0.0, False), (k, (k, k + 1), a, (c / 2, c / 2), 0.0, True)]
                 nodes += [t, t]
             else:
                 points = tuple(history[:4])
-                specs.append((k, points, a, tuple(c * b for b in adams_bashforth(len(points))), True))
+                specs.append((k, points, a, tuple(c * b for b in adams_bashforth(len(points))), 0.0, True))
                 nodes.append(t)
         return tuple(nodes), stages_from(specs)
 

@@ -23,7 +23,8 @@ from typing import Callable
 
 from .._checks import check_number, check_order
 from ._exponential import Form, Rule, step_coefficients
-from .stochastic import StochasticSolver, grid_nodes, stages_from
+from .base import grid_nodes, stages_from
+from .stochastic import StochasticSolver
 
 
 class SASolver(StochasticSolver):

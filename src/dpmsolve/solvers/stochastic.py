@@ -26,6 +26,7 @@ strong order 1 as the grid is refined, and weakly with order >= 1 (``tests/test_
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,7 +37,7 @@ from .._checks import check_number
 from ..noise import BrownianNoise
 from ..schedules import Schedule
 from ._exponential import Form, Node, Rule
-from .base import FixedGridSolver, Stage, State, warmup_orders
+from .base import FixedGridSolver, Stage, State, grid_nodes, stages_from, warmup_orders
 from .karras import DPM2, _euler
 
 NOISE_KINDS = ("gaussian", "brownian")
@@ -68,23 +69,6 @@ def ancestral(s: Node, t: Node, eta: float) -> tuple[Node, float]:
         return Node(math.nan, math.inf, t.log_alpha, -math.inf), 1.0
     lam = t.lam - 0.5 * math.log1p(-u)
     return Node(math.nan, lam, t.log_alpha, t.log_alpha - lam), u
-
-
-def stages_from(specs) -> tuple[Stage, ...]:
-    """Stages from (anchor, points, a, coeffs, noise_std, completes) per evaluation (``keep_from`` filled in)."""
-    stages, keep_from = [], len(specs)
-    for anchor, points, a, coeffs, noise_std, completes in reversed(specs):
-        stages.append(Stage(anchor, tuple(points), float(a), tuple(float(c) for c in coeffs), float(noise_std),
-                            completes, keep_from))
-        keep_from = min(keep_from, min(points))
-    return tuple(reversed(stages))
-
-
-def grid_nodes(schedule: Schedule, ts) -> list[Node]:
-    """The nodes of a grid (a final t = 0 as ``Node.zero()``)."""
-    ts = np.asarray(ts, dtype=np.float64)
-    to_zero = ts.size >= 2 and ts[-1] == 0.0
-    return [Node.at(schedule, float(t)) for t in (ts[:-1] if to_zero else ts)] + ([Node.zero()] if to_zero else [])
 
 
 def _callable_source(sampler: Callable) -> NoiseSource:
@@ -123,8 +107,9 @@ class StochasticSolver(FixedGridSolver):
     def stochastic(self) -> bool:
         return self.eta > 0 and self.s_noise > 0
 
-    def _stages(self, steps):  # the plans are built by ``plan`` directly
-        raise NotImplementedError
+    def _stages(self, steps):
+        raise TypeError(f"{type(self).__name__} plans its nodes and stages in ``plan`` (extra evaluation points); it has "
+                        "no per-grid-time stage layout.")
 
     def _noise_source(self, nodes, stages, x: torch.Tensor, generator) -> NoiseSource | None:
         if self.noise == "gaussian" or not any(stage.noise_std for stage in stages):
@@ -169,9 +154,9 @@ class _SigmaSpaceStochastic(StochasticSolver):
             return None  # a step whose sigma_down is 0 takes one evaluation (eta > 1 only): depends on the grid
         return self._evaluations * steps - (self._evaluations - 1) * bool(ends_at_zero and steps >= 1)
 
+    @abstractmethod
     def _step(self, schedule: Schedule, s: Node, t: Node, i: int):
         """(extra nodes, specs) of the step s -> t whose first evaluation is node i (specs as in ``stages_from``)."""
-        raise NotImplementedError
 
     def plan(self, schedule, ts):
         grid = grid_nodes(schedule, ts)
