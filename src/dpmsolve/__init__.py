@@ -22,6 +22,7 @@ from .model import (
 from . import ems as ems
 from .sampling import NonFiniteError as NonFiniteError, Solution as Solution, StepInfo as StepInfo
 from .sampling import invert as invert, sample as sample
+from .inversion import BDIA as BDIA, EDICT as EDICT, Inversion as Inversion, NoiseSequence as NoiseSequence
 # Imported here, not lazily: once the submodule dpmsolve.generate is imported its name would shadow a lazy attribute.
 from .generate import generate as generate
 from .tuning import Plan as Plan, PlanError as PlanError, PlanStep as PlanStep, tune as tune
