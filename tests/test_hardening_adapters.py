@@ -491,8 +491,11 @@ def test_from_config_warns_once_about_options_it_cannot_honour():
     for name in ("lambda_min_clipped=-5.1", "euler_at_final=True", "time_shift_type='linear'"):
         assert name in ours[0]
     assert "use_karras_sigmas" not in ours[0] and s.config.grid == "karras" and s.config.final_sigma == "min"
-    with pytest.warns(UserWarning, match=r"algorithm_type='deis' \(no dpmsolve solver; 'dpmsolver\+\+' runs\)"):
-        DPMSolveScheduler.from_config(DEISMultistepScheduler().config)
+    with pytest.warns(UserWarning, match=r"algorithm_type='sde-dpmsolver' \(no dpmsolve solver; 'dpmsolver\+\+' "
+                      r"runs\)"):
+        DPMSolveScheduler.from_config(DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver",
+                                                                  final_sigmas_type="sigma_min").config)
+    assert DPMSolveScheduler.from_config(DEISMultistepScheduler().config).config.solver == "deis"  # its own method
     with warnings.catch_warnings():   # defaults, and configs of other schedulers, ask for nothing extra
         warnings.simplefilter("error", UserWarning)
         DPMSolveScheduler.from_config(DPMSolverMultistepScheduler().config)

@@ -66,8 +66,8 @@ def test_equals_native_api(gaussian, generator, name, options, to_zero):
     sigmas = sigmas if to_zero else sigmas[:-1]
     x, model = start(generator), ve_model(gaussian)
     solver, defaults = K.SAMPLERS[name]
-    if "eta" not in options and name == "dpmpp_2m_sde":
-        options = {**options, "seed": 11}
+    if "seed" not in options and dp.get_solver(solver, **{**defaults, **options}).stochastic:
+        options = {**options, "seed": 11}   # the same noise on both sides
     ours = getattr(K, f"sample_{name}")(model, x, sigmas, disable=True, **options)
     expected = native(model, x, sigmas, solver, **{**defaults, **options})
     assert ours.shape == x.shape and ours.dtype == x.dtype
@@ -179,7 +179,8 @@ def test_callback_dict(gaussian, generator, name):
         # x is where the model was evaluated at sigmas[i], denoised its prediction there
         torch.testing.assert_close(info["denoised"], model(info["x"], sigmas[i] * x.new_ones(x.shape[0])))
     torch.testing.assert_close(seen[0]["x"], x, rtol=0, atol=0)
-    torch.testing.assert_close(seen[-1]["denoised"], out, rtol=0, atol=0)  # the final jump to sigma = 0
+    if name not in ("lms", "sa_solver_pece"):  # LMS integrates its polynomial to 0; PECE evaluates the corrected x too
+        torch.testing.assert_close(seen[-1]["denoised"], out, rtol=0, atol=0)  # the final jump to sigma = 0
 
 
 def test_disable_prints_nothing_and_extra_args_reach_the_model(gaussian, generator, capfd):

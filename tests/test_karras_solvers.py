@@ -105,11 +105,12 @@ def test_nfe_counted(name):
 
 
 @pytest.mark.parametrize("solver", ["heun", "dpm2"])
-def test_two_evaluation_solvers_cannot_drive_a_diffusers_pipeline(solver):
-    """A pipeline calls the model once per timestep; a solver evaluating between grid times is refused."""
+def test_two_evaluation_solvers_drive_a_diffusers_pipeline_one_timestep_per_evaluation(solver):
+    """A pipeline calls the model once per timestep: the scheduler lists every evaluation, the ones between grid
+    times too (as diffusers' HeunDiscreteScheduler does; parity with it: tests/test_diffusers_configs.py)."""
     pytest.importorskip("diffusers")
     from dpmsolve.integrations.diffusers import DPMSolveScheduler
 
-    with pytest.raises(ValueError, match="once per timestep"):
-        DPMSolveScheduler(beta_schedule="linear", solver=solver)
-    DPMSolveScheduler(beta_schedule="linear", solver="euler").set_timesteps(6)
+    s = DPMSolveScheduler(beta_schedule="linear", solver=solver)
+    s.set_timesteps(6)
+    assert len(s.timesteps) == 11 and s.num_inference_steps == 6 and s.order == 2

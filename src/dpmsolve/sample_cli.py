@@ -61,13 +61,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", type=int, default=None,
                         help="class label for a class-conditional --model (default: cycle through the classes)")
     parser.add_argument("--solver", default=None,
-                        help="dpmsolve solver: ddim, dpmsolver, dpmsolver++, sde-dpmsolver++, unipc, dpmsolver-v3 "
-                             "(--model only: it uses the statistics shipped with the model; default dpmsolver++)")
+                        help="dpmsolve solver (registry name): ddim, dpmsolver, dpmsolver++, sde-dpmsolver++, unipc, "
+                             "dpmsolver-v3 (--model only: it uses the statistics shipped with the model), euler, heun, "
+                             "dpm2, deis, pndm, plms, ipndm, ipndm_v, lms, res-multistep, gradient-estimation, and "
+                             "the stochastic euler-ancestral, dpm2-ancestral, dpmpp-2s-ancestral, dpmpp-sde, "
+                             "dpmpp-2m-sde, dpmpp-3m-sde, er-sde, sa-solver (default dpmsolver++). ComfyUI names "
+                             "such as dpmpp_2m_karras are presets of the Python API (dpmsolve.presets): give their "
+                             "solver here and the scheduler as --grid")
     parser.add_argument("--order", type=int, default=None,
                         help="solver order (default 2; ddim has no order option)")
     parser.add_argument("--grid", default=None,
                         help="time grid: logSNR, time_uniform, time_quadratic, time_power, karras, exponential, "
-                             "flow_shift (default logSNR; flow_shift for flow-matching pipelines)")
+                             "flow_shift; ComfyUI's schedulers simple, sgm_uniform, normal, ddim_uniform, beta, "
+                             "linear_quadratic, kl_optimal; diffusers' spacings leading, linspace, trailing and "
+                             "beta_sigmas; the published tables ays, gits (default logSNR; flow_shift for "
+                             "flow-matching pipelines)")
     parser.add_argument("--steps", type=int, default=None, help="model evaluations (default 20)")
     parser.add_argument("--final", choices=["zero", "min"], default=None,
                         help="end the grid at sigma = 0 (default) or at the schedule's smallest training noise")

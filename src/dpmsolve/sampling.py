@@ -397,10 +397,17 @@ def sample(denoiser: Denoiser, x: torch.Tensor | Inversion, solver: str | Solver
                                                     t_start=t_start, t_end=t_end, grid_options=grid_options,
                                                     denoise_to_zero=denoise_to_zero)
     else:
-        solver = _resolve_solver("dpmsolver++" if solver is None else solver, solver_options)
-        grid = "logSNR" if grid is None else grid
-        ts = _resolve_grid(denoiser, solver, grid, steps, t_start, t_end, grid_options)
-        _warn_if_unstable(solver, grid, denoiser.schedule, len(ts) - 1)
+        from .presets import resolve_preset   # a ComfyUI name (dpmsolve.presets): solver + grid; None otherwise
+
+        preset = resolve_preset(solver, denoiser.schedule, solver_options, steps=steps, grid=grid, t_start=t_start,
+                                t_end=t_end, grid_options=grid_options)
+        if preset is not None:
+            solver, ts = preset
+        else:
+            solver = _resolve_solver("dpmsolver++" if solver is None else solver, solver_options)
+            grid = "logSNR" if grid is None else grid
+            ts = _resolve_grid(denoiser, solver, grid, steps, t_start, t_end, grid_options)
+            _warn_if_unstable(solver, grid, denoiser.schedule, len(ts) - 1)
     ts = check_grid(denoiser.schedule, ts)
     # A grid ending at t = 0: the last step is the jump to sigma = 0 (the x0 prediction at ts[-2]). Fixed-grid
     # solvers plan it themselves; the adaptive solver stops at ts[-2] and the jump is the final evaluation.

@@ -27,12 +27,17 @@ fractional timesteps; our discrete schedule interpolates log alpha between train
 DPM-Solver), ``N t`` for flow models (``use_flow_sigmas``; SD3/Flux pipelines pass it on as sigma * 1000).
 ``sigmas`` holds the VE ratio sigma/alpha (flow: the flow sigma t) of every grid time, the end included.
 
-``from_config`` reads diffusers' own options where dpmsolve has the equivalent (``solver_order``,
-``algorithm_type``, ``solver_type``, ``lower_order_final``, ``use_karras_sigmas``, ``use_lu_lambdas``,
-``use_exponential_sigmas``, ``timestep_spacing='trailing'``, ``final_sigmas_type``, ``predict_x0``,
-``disable_corrector``; ``prediction_type``, ``thresholding``, ``variance_type`` and the betas are config keys
-here too) and warns once naming every set option it cannot honour. A preset (``UniPCScheduler``, ...) always runs
-its own solver, whatever config it is built from.
+``from_config`` of a diffusers scheduler's config (DPMSolverMultistep, DPMSolverSinglestep, UniPC, DEIS, Euler,
+Heun, LMS, PNDM, DDIM) runs that scheduler's own method on its own timesteps, so that swapping keeps the
+pipeline's samples (``from_config`` lists the known differences); ``solver=`` (or a preset class) names another
+solver, which keeps the config's schedule and the diffusers options it has; ``sampler=`` / ``scheduler=`` take
+ComfyUI's names (``dpmsolve.presets``). It warns once naming every set option it cannot honour. A preset
+(``UniPCScheduler``, ...) always runs its own solver, whatever config it is built from.
+
+Solvers that evaluate between grid times (Heun, DPM-2, PNDM / PLMS, the two-stage SDE samplers) list every
+evaluation in ``timesteps`` (diffusers' Heun does the same: each inner time twice); ``num_inference_steps`` then
+counts grid intervals and ``order`` the evaluations per step, and ``set_begin_index`` takes the first evaluation
+of a step (``order * i``, as img2img pipelines pass it).
 
 Behaviours of diffusers' own schedulers that this one does not copy: ``step`` accepts ``generator`` (diffusers'
 UniPC/DEIS raise a TypeError inside ``DDPMPipeline``); it never rounds timesteps to integers (so no duplicated
@@ -43,6 +48,7 @@ the number of steps (diffusers applies ``lower_order_final`` below 15 steps only
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -61,7 +67,7 @@ from diffusers.utils import BaseOutput
 from .._checks import check_count as _check_count
 from .._checks import check_tensor
 from ..ems.statistics import EMS, EMSError
-from ..grids import GRIDS, check_grid, make_grid
+from ..grids import DIFFUSERS_SIGMA_FLAGS, GRIDS, check_grid, make_grid
 from ..model import PREDICTIONS, ClipX0, Denoiser, DynamicThresholding, Prediction
 from ..sampling import NonFiniteError, _check_finite
 from ..schedules import ZERO_SNR_ALPHA_BAR, DiscreteVP, RectifiedFlow
@@ -90,11 +96,120 @@ _SOLVER_TYPES = {"midpoint": ("solver_type", "dpmsolver"), "heun": ("solver_type
 _SPACINGS = {"linspace": None, "leading": None, "trailing": "time_uniform"}  # None: dpmsolve's grid instead
 _FINAL_SIGMAS_TYPES = {"zero": "zero", "sigma_min": "min"}
 # Options dpmsolve cannot honour, with the value that asks for nothing (any other value draws the warning).
-_NEUTRAL = {"use_beta_sigmas": False, "lambda_min_clipped": -math.inf, "time_shift_type": "exponential",
+_NEUTRAL = {"lambda_min_clipped": -math.inf, "time_shift_type": "exponential",
             "solver_p": None, "sigma_min": None, "sigma_max": None, "shift_terminal": None}
 _DIFFUSERS_OPTIONS = ("solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final",
-                      "use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "timestep_spacing",
-                      "steps_offset", "final_sigmas_type", "predict_x0", "disable_corrector", *_NEUTRAL)
+                      "use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas",
+                      "timestep_spacing", "steps_offset", "final_sigmas_type", "predict_x0", "disable_corrector",
+                      "skip_prk_steps", "set_alpha_to_one", "interpolation_type", "timestep_type", *_NEUTRAL)
+_DIFFUSERS_SPACINGS = ("leading", "linspace", "trailing")   # grids that are diffusers' own timesteps here
+# The model's schedule: kept from a diffusers scheduler's config also where it holds that class's defaults (Heun's
+# and KDPM2's betas default to 0.00085 / 0.012, not DDPM's 0.0001 / 0.02).
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                  "prediction_type", "rescale_betas_zero_snr")
+
+# ---- the diffusers schedulers whose method from_config reproduces (see from_config)
+_FAMILIES = {"DPMSolverMultistepScheduler": "dpm", "DPMSolverSinglestepScheduler": "singlestep",
+             "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis", "EulerDiscreteScheduler": "euler",
+             "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms", "PNDMScheduler": "pndm",
+             "DDIMScheduler": "ddim"}
+_KARRAS_PORTS = ("euler", "heun", "lms")      # k-diffusion ports: n timesteps, 'linspace' not rounded
+_DDIM_SPACING = ("ddim", "pndm", *_KARRAS_PORTS)   # n timesteps (DPM-Solver-type: n + 1, the last dropped)
+
+
+def _family(config: Mapping) -> str | None:
+    """The diffusers scheduler a config belongs to (``_FAMILIES``' values): by its ``_class_name`` (saved configs),
+    else by its first keys, which a live config (``scheduler.config``) holds in the order of that class's
+    ``__init__`` parameters (diffusers' ``register_to_config``; options carried over from another scheduler's
+    config by ``from_config`` follow them). None for any other scheduler, dpmsolve's own and hand-made dicts.
+    KDPM2's options are LMS's, in the same order: its live config reads as LMS."""
+    name = config.get("_class_name")
+    if name:
+        return _FAMILIES.get(str(name))
+    if "solver" in config:
+        return None
+    keys = [k for k in config if not str(k).startswith("_")]
+    for family in _FAMILIES.values():
+        params = [k for k, _ in _family_defaults_cached(family)]
+        if keys[:len(params)] == params:
+            return family
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _family_defaults_cached(family: str) -> tuple:
+    import diffusers
+
+    name = next(k for k, v in _FAMILIES.items() if v == family)
+    params = inspect.signature(getattr(diffusers, name).__init__).parameters
+    return tuple((k, p.default) for k, p in params.items() if p.default is not inspect.Parameter.empty)
+
+
+def _family_defaults(family: str | None) -> dict:
+    """The defaults of the diffusers scheduler ``family`` (a saved config omits the options left at them)."""
+    return {} if family is None else dict(_family_defaults_cached(family))
+
+
+def _family_solver(family: str, full: Mapping, found: Mapping, ignored: list) -> tuple[str, dict]:
+    """The dpmsolve solver and options of diffusers scheduler ``family`` configured as ``full``."""
+    if family in ("dpm", "singlestep"):
+        algorithm = full.get("algorithm_type") or "dpmsolver++"
+        solver = _ALGORITHMS.get(algorithm)
+        if solver is None or (family == "singlestep" and solver == "sde-dpmsolver++"):
+            solver = "dpmsolver++"
+            ignored.append(f"algorithm_type={algorithm!r} (no dpmsolve solver; {solver!r} runs)")
+        base = {"method": "singlestep", "split": "fixed"} if family == "singlestep" else {}
+    else:
+        solver, base = {"unipc": ("unipc", {}), "deis": ("deis", {"variant": "logrho"}), "euler": ("euler", {}),
+                        "heun": ("heun", {}), "lms": ("lms", {"order": 4}), "ddim": ("ddim", {}),
+                        "pndm": ("plms" if full.get("skip_prk_steps") else "pndm", {})}[family]
+    if family == "euler":
+        if full.get("interpolation_type", "linear") != "linear":
+            ignored.append(f"interpolation_type={full['interpolation_type']!r} (dpmsolve interpolates log alpha "
+                           "between train steps)")
+        if full.get("timestep_type", "discrete") != "discrete":
+            ignored.append(f"timestep_type={full['timestep_type']!r} (the network gets train-step timesteps)")
+    return solver, {**base, **DPMSolveScheduler._solver_options_from(found, solver, base)}
+
+
+def _family_grid(family: str, full: Mapping) -> tuple[str, dict]:
+    """The grid (and options) giving the timesteps of diffusers scheduler ``family`` configured as ``full``."""
+    flag = next((f for f in DIFFUSERS_SIGMA_FLAGS if full.get(f)), None)
+    if flag is not None:
+        return DIFFUSERS_SIGMA_FLAGS[flag], {}
+    spacing = "linspace" if family == "singlestep" else (full.get("timestep_spacing") or "linspace")
+    if spacing == "trailing":
+        return "trailing", {}
+    if spacing == "leading":
+        options = {"steps_offset": int(full.get("steps_offset") or 0)}
+        return "leading", {**options, "scheduler": "ddim"} if family in _DDIM_SPACING else options
+    if family in _KARRAS_PORTS:
+        return "normal", {}   # np.linspace(0, N - 1, n): train steps, unrounded, then sigma = 0
+    return "linspace", {"scheduler": "ddim"} if family in _DDIM_SPACING else {}
+
+
+def _family_noise_scale(family: str, full: Mapping) -> float:
+    """The start noise's std in the adapter's coordinates x_t = alpha x0 + sigma eps: 1, except for the k-diffusion
+    ports on 'linspace' / 'trailing' timesteps, whose init_noise_sigma is sigma_max and not sqrt(sigma_max^2 + 1)
+    (diffusers' rule): their start is sigma(t_max) eps = sqrt(1 - alpha_bar[-1]) eps here."""
+    if family not in _KARRAS_PORTS or (full.get("timestep_spacing") or "linspace") == "leading":
+        return 1.0
+    n = int(full.get("num_train_timesteps") or 1000)
+    betas = _betas(n, full.get("beta_start", 0.0001), full.get("beta_end", 0.02),
+                   full.get("beta_schedule") or "linear", full.get("trained_betas"))
+    ac = _alphas_cumprod(betas, bool(full.get("rescale_betas_zero_snr")))
+    return float(math.sqrt(1.0 - max(ac[-1], ZERO_SNR_ALPHA_BAR)))
+
+
+def _family_final(family: str, full: Mapping) -> str:
+    """final_sigma of diffusers scheduler ``family``: its final_sigmas_type, set_alpha_to_one, or fixed end."""
+    if family in ("ddim", "pndm"):
+        return "zero" if full.get("set_alpha_to_one") else "min"
+    if family == "deis":
+        return "min"
+    if family in ("heun", "lms"):
+        return "zero"
+    return _FINAL_SIGMAS_TYPES[full.get("final_sigmas_type") or "zero"]
 
 
 @dataclasses.dataclass
@@ -245,8 +360,10 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             (the config then shows ``'<in-memory EMS ...>'``; ``save_pretrained`` writes it beside the config as
             ``ems.safetensors``) or the path of an EMS file.
         grid: a dpmsolve grid name (``'logSNR'``, ``'time_uniform'``, ``'time_quadratic'``, ``'karras'``,
-            ``'exponential'``, ``'flow_shift'``); default ``'logSNR'``, or ``'flow_shift'`` with
-            ``shift=flow_shift`` for flow models.
+            ``'exponential'``, ``'flow_shift'``, ComfyUI's and diffusers' names, ``'ays'``, ``'gits'``); default
+            ``'logSNR'``, or ``'flow_shift'`` with ``shift=flow_shift`` for flow models. diffusers' ``'leading'``,
+            ``'linspace'``, ``'trailing'`` are diffusers' own timesteps (``'leading'`` starts below the top, where
+            diffusers starts; ``final_sigma='min'`` then ends at the training sigma_min as diffusers does).
         grid_options: the grid's options (``{"rho": 7}`` for karras).
         final_sigma: ``'zero'``: the grid ends at t = 0 and the last step returns the x0 prediction at the last
             evaluated time (diffusers' ``final_sigmas_type='zero'``, k-diffusion's appended zero); ``'min'``:
@@ -272,6 +389,14 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         sample_max_value: the largest threshold ``s`` of ``thresholding``.
         check_finite: ``step`` raises :class:`~dpmsolve.NonFiniteError` (naming the step and timestep) when the
             model output holds NaN or Inf, as ``dpmsolve.sample`` does (one read-back per step).
+        clip_sample: diffusers' x0 clipping to ``+-clip_sample_range`` (DDIM, Heun), as dpmsolve's ``ClipX0``;
+            ``thresholding`` takes precedence, as in diffusers.
+        clip_sample_range: the bound of ``clip_sample``.
+        discard_penultimate_sigma: ComfyUI's rule for its ``dpm_2``, ``dpm_2_ancestral``, ``uni_pc`` samplers: the
+            named grid of one step more, without its penultimate time.
+        init_noise_sigma: the scale a pipeline gives the start noise (1: x_T = eps, the adapter's coordinates are
+            ``alpha x0 + sigma eps``); ``from_config`` of diffusers' Euler / Heun / LMS on 'linspace' / 'trailing'
+            timesteps sets ``sqrt(1 - alpha_bar_T)``, their start.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler",
@@ -290,7 +415,8 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
                  use_flow_sigmas: bool = False, flow_shift: float = 1.0, use_dynamic_shifting: bool = False,
                  plan: str | None = None, variance_type: str | None = None, thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 check_finite: bool = True):
+                 check_finite: bool = True, clip_sample: bool = False, clip_sample_range: float = 1.0,
+                 discard_penultimate_sigma: bool = False, init_noise_sigma: float = 1.0):
         # Class defaults of the named presets are written into the config, so a saved config is self-contained.
         if solver is None:
             solver = self._default_solver
@@ -323,9 +449,12 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         _check_choice("variance_type", variance_type, _VARIANCE_TYPES)
         _check_number("dynamic_thresholding_ratio", dynamic_thresholding_ratio, 0.0, 1.0, high_included=True)
         _check_number("sample_max_value", sample_max_value, 0.0)
+        _check_number("clip_sample_range", clip_sample_range, 0.0)
+        _check_number("init_noise_sigma", init_noise_sigma, 0.0)
         for name, value in (("rescale_betas_zero_snr", rescale_betas_zero_snr), ("use_flow_sigmas", use_flow_sigmas),
                             ("use_dynamic_shifting", use_dynamic_shifting), ("thresholding", thresholding),
-                            ("check_finite", check_finite)):
+                            ("check_finite", check_finite), ("clip_sample", clip_sample),
+                            ("discard_penultimate_sigma", discard_penultimate_sigma)):
             _check_bool(name, value)
         if isinstance(plan, Plan):
             raise ValueError("The scheduler config holds a plan's file path (configs are JSON): save the plan with "
@@ -357,12 +486,14 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"Solver {solver!r} with options {solver_options} is adaptive: its evaluation times "
                              "are not known up front, so it cannot drive a diffusers pipeline. Use a fixed-grid "
                              "solver (e.g. 'dpmsolver++' with method='multistep').")
-        if not self.solver.adaptive and self.solver.expected_nfe(4) != 4:
+        if not self.solver.adaptive and not hasattr(self.solver, "plan") and self.solver.expected_nfe(4) != 4:
             raise ValueError(f"Solver {solver!r} evaluates the model {self.solver.expected_nfe(4)} times over 4 "
-                             "grid intervals, at times between the grid's; a diffusers pipeline calls the model "
-                             "once per timestep, so it cannot drive one. Use dp.sample or dpmsolve.integrations."
-                             "kdiffusion for it, or a one-evaluation-per-step solver here (e.g. 'euler', "
-                             "'dpmsolver++').")
+                             "grid intervals, at times it does not plan up front; a diffusers pipeline needs every "
+                             "timestep before the first step. Use dp.sample or dpmsolve.integrations.kdiffusion "
+                             "for it.")
+        # Model evaluations per grid interval, as diffusers' ``order`` (2 for Heun-type schedulers; progress bars).
+        nfe = None if self.solver.adaptive else self.solver.expected_nfe(64)
+        self.order = max(1, (nfe or 64) // 64)
         if use_flow_sigmas:
             self.schedule = RectifiedFlow(t_min=1.0 / n, t_max=1.0 - 1.0 / n)
         else:
@@ -373,6 +504,8 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         if thresholding:
             self._denoiser = _diffusers_thresholding(self._output, float(dynamic_thresholding_ratio),
                                                      float(sample_max_value))
+        elif clip_sample:   # diffusers' clip_sample (DDIM, Heun; thresholding wins): x0 clipped to +-clip_sample_range
+            self._denoiser = ClipX0(self._output, -float(clip_sample_range), float(clip_sample_range))
         self.plan = self._load_plan(plan) if plan is not None else None
         if self.plan is not None:
             self.solver = self.plan.solver()
@@ -384,11 +517,13 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             self._grid_options.update(grid_options)
         make_grid(self.schedule, 1, self._grid_kind, **self._grid_options)  # refuse bad grid options now
 
-        self.init_noise_sigma = 1.0
+        self.init_noise_sigma = float(init_noise_sigma)
         self.num_inference_steps = None
         self.timesteps = None
         self.sigmas = None
         self._ts = None          # float64 grid of N + 1 times, the end included
+        self._eval_ts = None     # float64 time of each evaluation (= timesteps)
+        self._grid_index = None  # per evaluation: the grid index its step starts at (-1: inside a step)
         self._network_ts = None  # float64 copy of timesteps (checked against the timestep given to step)
         self._denoise_to_zero = False  # a plan's final denoising evaluation (one timestep more than steps)
         self._begin_index = None
@@ -425,33 +560,85 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
     # --------------------------------------------------------------------------------------------- config
 
     @classmethod
-    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+    def from_config(cls, config=None, return_unused_kwargs=False, sampler: str | None = None,
+                    scheduler: str | None = None, **kwargs):
         """As ``ConfigMixin.from_config``, reading diffusers' options where dpmsolve has the equivalent.
 
-        - Solver: a preset (``UniPCScheduler``, ``DPMSolverPPMultistepScheduler``, ...) runs its own solver; it
-          keeps the config's ``solver_options`` only when they configure that same solver. The generic class
-          runs the config's ``solver``, else the one of diffusers' ``algorithm_type`` (``'dpmsolver++'``,
-          ``'dpmsolver'``, ``'sde-dpmsolver++'``), else its default. Where the options come from diffusers,
-          ``solver_order`` -> ``order`` (with diffusers' lower-order warm-up), ``solver_type`` midpoint / heun ->
-          ``'dpmsolver'`` / ``'taylor'`` (bh1 / bh2: UniPC's ``variant``), ``lower_order_final``, ``predict_x0``
-          and ``disable_corrector`` go to the solver if it takes them (``lower_order_final`` at every step count;
-          diffusers applies it below 15 steps only).
-        - Grid (unless the config or a keyword names one): ``use_karras_sigmas`` -> ``'karras'``,
-          ``use_lu_lambdas`` -> ``'logSNR'``, ``use_exponential_sigmas`` -> ``'exponential'``,
-          ``timestep_spacing='trailing'`` -> ``'time_uniform'`` ('linspace' / 'leading': dpmsolve's default grid);
-          ``final_sigmas_type`` -> ``final_sigma``. Timesteps are not rounded to integers (module docstring).
+        - ``sampler`` / ``scheduler``: ComfyUI names (``dpmsolve.presets``; ``sampler`` may hold both, as in
+          ``'dpmpp_2m_karras'``): the sampler sets ``solver`` and ``solver_options`` (and ComfyUI's grid rules:
+          ``discard_penultimate_sigma`` for dpm_2 / uni_pc, the range ends for dpm_fast), the scheduler ``grid``
+          and ``grid_options``; the grid then ends at sigma = 0 (ComfyUI's sigmas do) unless ``final_sigma`` is
+          given. Not with ``solver=``, nor on a preset class (which runs its own solver).
+        - The source scheduler's own method (the generic class, when neither the config nor a keyword names a
+          dpmsolve solver, sampler or grid): a config of ``DPMSolverMultistepScheduler``,
+          ``DPMSolverSinglestepScheduler``, ``UniPCMultistepScheduler``, ``DEISMultistepScheduler``,
+          ``EulerDiscreteScheduler``, ``HeunDiscreteScheduler``, ``LMSDiscreteScheduler``, ``PNDMScheduler`` or
+          ``DDIMScheduler`` (known by its ``_class_name``, or by the options only it has) runs the equivalent
+          dpmsolve solver on diffusers' own timesteps, so that swapping keeps the pipeline's samples: the solver
+          from ``algorithm_type`` / ``solver_order`` / ``solver_type`` / ``predict_x0`` / ``lower_order_final`` /
+          ``disable_corrector`` (DPM-Solver(++), UniPC, DEIS ``'logrho'``), ``'euler'``, ``'heun'``, ``'lms'``,
+          ``'pndm'`` (``'plms'`` with ``skip_prk_steps``) or ``'ddim'``; the grid from the sigma flags
+          (``use_karras_sigmas`` ...) or ``timestep_spacing`` + ``steps_offset`` (diffusers' ``'leading'``,
+          ``'linspace'``, ``'trailing'`` timesteps of that scheduler; the k-diffusion ports' unrounded
+          ``'linspace'`` is ``'normal'``); the end from ``final_sigmas_type`` or ``set_alpha_to_one``; and
+          ``clip_sample``. Heun, PNDM and PLMS evaluate between grid times: ``timesteps`` then lists every
+          evaluation (Heun: each inner time twice, as diffusers' Heun), with ``num_inference_steps`` grid
+          intervals. Known differences: diffusers applies ``lower_order_final`` below 15 steps only (dpmsolve at
+          every count: it changes 3rd-order runs of 15+ steps); DEIS with a sigma flag ends with a zero-length step
+          in diffusers; DDIM / PNDM with ``'linspace'`` step to ``t - N // n``, not to the next timestep
+          (diffusers' quirk, not copied); singlestep order 3 splits remainders differently; KDPM2's live config
+          has LMS's options (it runs LMS; pass ``solver='dpm2'``).
+        - Otherwise, a preset (``UniPCScheduler``, ``DPMSolverPPMultistepScheduler``, ...) runs its own solver and
+          keeps the config's ``solver_options`` only when they configure that same solver; the generic class runs
+          the config's ``solver``, else the one of ``algorithm_type``, else its default, with the options above
+          where the solver takes them; the grid (unless the config or a keyword names one) is the sigma flag's
+          (``use_karras_sigmas`` -> ``'karras'``, ``use_lu_lambdas`` -> ``'logSNR'``, ``use_exponential_sigmas``
+          -> ``'exponential'``, ``use_beta_sigmas`` -> ``'beta_sigmas'``), ``'time_uniform'`` for
+          ``timestep_spacing='trailing'``, else dpmsolve's default grid; ``final_sigmas_type`` -> ``final_sigma``.
         - A flow-matching source config (``FlowMatch*`` class, or a DPM/UniPC config with ``use_flow_sigmas``)
           turns on ``use_flow_sigmas`` with ``prediction_type='flow_prediction'``; its ``shift`` becomes
           ``flow_shift``.
 
-        Set options it cannot honour (``use_beta_sigmas``, a finite ``lambda_min_clipped``, ``euler_at_final``
-        with ``final_sigma='min'``, an ``algorithm_type`` without a dpmsolve solver, ...) draw ONE warning naming
-        each. Unknown values of the options it reads are errors listing the valid ones. Keyword arguments
-        override everything (diffusers' options are accepted as keywords too).
+        Set options it cannot honour (a finite ``lambda_min_clipped``, ``euler_at_final`` with
+        ``final_sigma='min'``, an ``algorithm_type`` without a dpmsolve solver, Euler's ``interpolation_type=
+        'log_linear'``, ...) draw ONE warning naming each. Unknown values of the options it reads are errors listing
+        the valid ones. Keyword arguments override everything (diffusers' options are accepted as keywords too).
         """
+        if sampler is not None or scheduler is not None:
+            kwargs = cls._preset_keywords(sampler, scheduler, kwargs)
         if isinstance(config, Mapping):
             config = cls._translate(dict(config), kwargs)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def _preset_keywords(cls, sampler: str | None, scheduler: str | None, kwargs: dict) -> dict:
+        """``kwargs`` with the settings of ComfyUI's ``sampler`` / ``scheduler`` names (dpmsolve.presets)."""
+        from ..presets import SCHEDULERS, preset_settings
+
+        if cls._preset and sampler is not None:
+            raise ValueError(f"{cls.__name__} runs its own solver ({cls._default_solver!r}); sampler={sampler!r} "
+                             "selects another: use DPMSolveScheduler.from_config(config, sampler=...).")
+        if sampler is not None and kwargs.get("solver") is not None:
+            raise ValueError(f"sampler={sampler!r} and solver={kwargs['solver']!r} both name the solver; pass one.")
+        if sampler is not None:
+            settings = preset_settings(sampler, scheduler)
+        else:
+            if scheduler not in SCHEDULERS:
+                raise ValueError(f"Unknown scheduler {scheduler!r}; ComfyUI schedulers: {', '.join(SCHEDULERS)}.")
+            grid, grid_options = SCHEDULERS[scheduler]
+            settings = {"grid": grid, "grid_options": dict(grid_options), "final_sigma": "zero"}
+        given = sorted(k for k in settings if k in kwargs and k not in ("solver_options", "grid_options",
+                                                                         "final_sigma"))
+        if given:
+            raise ValueError(f"{', '.join(given)} and sampler / scheduler names both set the same thing; pass one.")
+        out = dict(kwargs)
+        for key, value in settings.items():
+            if key in ("solver_options", "grid_options") and key in kwargs:
+                value = {**value, **dict(kwargs[key] or {})}   # the caller's options override the preset's
+            elif key == "final_sigma" and key in kwargs:
+                value = kwargs[key]
+            out[key] = value
+        return out
 
     @classmethod
     def _translate(cls, config: dict, kwargs: dict) -> dict:
@@ -463,11 +650,14 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         if "solver" in kwargs and kwargs["solver"] is None:   # solver=None: not a choice
             del kwargs["solver"]
         keywords = {k: kwargs.pop(k) for k in list(kwargs) if k in _DIFFUSERS_OPTIONS}
+        foreign = "solver" not in config   # a config of diffusers' own schedulers (dpmsolve's always names one)
         config.update(keywords)
-        found = {k: config[k] for k in _DIFFUSERS_OPTIONS if k in config}
-        full = dict(config)
+        family = _family(config)
+        full = {**_family_defaults(family), **config}   # a saved config omits its class's defaults
+        found = {k: full[k] for k in _DIFFUSERS_OPTIONS if k in full}
         for key in defaulted - set(keywords):
-            config.pop(key, None)
+            if family is None or key not in _SCHEDULE_KEYS:   # (the model's schedule: its class defaults count)
+                config.pop(key, None)
         ignored = []
 
         source = str(full.get("_class_name", ""))  # present in loaded configs, not in live ones
@@ -489,8 +679,17 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         # Solver and its options.
         algorithm = found.get("algorithm_type")
         given_solver, given = config.get("solver"), config.get("solver_options")
+        # The source scheduler's own method: the generic class, no dpmsolve solver named (its grid too, unless one
+        # is named).
+        reproduce = (family is not None and not cls._preset and not given_solver and "solver" not in kwargs
+                     and not config.get("use_flow_sigmas"))
+        if foreign and not reproduce:   # diffusers' x0 clipping belongs to that scheduler's own method
+            config.pop("clip_sample", None)
+            config.pop("clip_sample_range", None)
         if cls._preset:
             solver = cls._default_solver
+        elif reproduce:
+            solver, family_options = _family_solver(family, full, found, ignored)
         else:
             solver = given_solver or _ALGORITHMS.get(algorithm) or cls._default_solver
             if algorithm in _FOREIGN_ALGORITHMS and not given_solver and "solver" not in kwargs:
@@ -501,7 +700,9 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         config["solver"] = solver
         if "solver_options" not in kwargs:
             base = dict(cls._default_solver_options) if solver == cls._default_solver else {}
-            if given is not None and given_solver == solver and (
+            if reproduce:
+                options = family_options
+            elif given is not None and given_solver == solver and (
                     not cls._preset or _same_solver(solver, dict(given), base)):
                 options = {**given, **cls._solver_options_from(keywords, solver, dict(given))}  # keywords win
             else:
@@ -509,25 +710,35 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             config["solver_options"] = options
 
         # Grid and end.
-        grid_keywords = {"use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "timestep_spacing"}
+        grid_keywords = {*DIFFUSERS_SIGMA_FLAGS, "timestep_spacing", "steps_offset"}
         grid_chosen = "grid" in kwargs or (config.get("grid") is not None and not grid_keywords & set(keywords))
         if not grid_chosen:
-            grid = ("karras" if found.get("use_karras_sigmas") else "logSNR" if found.get("use_lu_lambdas") else
-                    "exponential" if found.get("use_exponential_sigmas") else
-                    _SPACINGS[found.get("timestep_spacing") or "linspace"])
+            grid_options = {}
+            if reproduce:   # (not chosen: no grid keyword)
+                grid, grid_options = _family_grid(family, full)
+            else:
+                flag = next((f for f in DIFFUSERS_SIGMA_FLAGS if found.get(f)), None)
+                grid = DIFFUSERS_SIGMA_FLAGS[flag] if flag else _SPACINGS[found.get("timestep_spacing") or "linspace"]
             if grid is not None:
-                if config.get("grid") not in (None, grid):
-                    config["grid_options"] = {}   # the old grid's options
+                if (config.get("grid") not in (None, grid) or reproduce) and "grid_options" not in kwargs:
+                    config["grid_options"] = grid_options   # (the old grid's options do not apply)
                 config["grid"] = grid
-        if "final_sigmas_type" in found and "final_sigma" not in kwargs and (
+        if reproduce and "final_sigma" not in kwargs:
+            config["final_sigma"] = _family_final(family, full)
+        elif "final_sigmas_type" in found and "final_sigma" not in kwargs and (
                 "final_sigma" not in config or "final_sigmas_type" in keywords):
             config["final_sigma"] = _FINAL_SIGMAS_TYPES[found["final_sigmas_type"]]
+        if reproduce and family in ("ddim", "heun"):
+            config["clip_sample"] = bool(full.get("clip_sample", False))
+            config["clip_sample_range"] = float(full.get("clip_sample_range", 1.0))
+        if reproduce and "init_noise_sigma" not in kwargs:
+            config["init_noise_sigma"] = _family_noise_scale(family, full)
         final = kwargs.get("final_sigma", config.get("final_sigma", "zero"))
         if found.get("euler_at_final") and final != "zero":   # with 'zero' the last step is first order anyway
             ignored.append("euler_at_final=True (final_sigma='min' ends with the solver's own order; pass "
                            "solver_options={..., 'lower_order_final': True})")
         for name, neutral in _NEUTRAL.items():
-            if found.get(name, neutral) != neutral and not (name == "use_beta_sigmas" and grid_chosen):
+            if found.get(name, neutral) != neutral:
                 ignored.append(f"{name}={found[name]!r}")
         if ignored:
             warnings.warn(f"{cls.__name__}.from_config cannot honour these diffusers options and ignores them: "
@@ -604,7 +815,11 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
 
     def _network_time(self, ts: np.ndarray) -> np.ndarray:
         n = self.config.num_train_timesteps
-        return n * ts if self.config.use_flow_sigmas else n * ts - 1.0
+        if self.config.use_flow_sigmas:
+            return n * ts
+        values = n * np.asarray(ts, dtype=np.float64) - 1.0
+        snapped = np.round(values)
+        return np.where(np.abs(values - snapped) <= 1e-9 * n, snapped, values)   # train steps exactly (n t - 1)
 
     def _time_from_network(self, values: np.ndarray) -> np.ndarray:
         n = self.config.num_train_timesteps
@@ -693,21 +908,54 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             kind, options = self._grid_kind, dict(self._grid_options)
             if mu is not None and self.config.use_dynamic_shifting and self.config.use_flow_sigmas:
                 options["shift"] = float(math.exp(mu))
-            t_end = 0.0 if self.config.final_sigma == "zero" else None
-            ts = make_grid(self.schedule, num_inference_steps, kind, t_end=t_end, **options)
+            if self.config.discard_penultimate_sigma:   # ComfyUI's rule for dpm_2(_ancestral), uni_pc(_bh2)
+                ts = np.delete(self._named_grid(num_inference_steps + 1, kind, options), -2)
+            else:
+                ts = self._named_grid(num_inference_steps, kind, options)
         self._set_grid(ts, device)
 
+    def _named_grid(self, n: int, kind: str, options: dict) -> np.ndarray:
+        """The grid ``kind`` of ``n`` steps, ended as ``final_sigma`` says (through the solver: singlestep solvers
+        place their blocks on log-SNR grids as ``dp.sample`` does). diffusers' spacings (``'leading'``,
+        ``'linspace'``, ``'trailing'``) on a DiscreteVP are diffusers' own timesteps: their form to sigma = 0,
+        ``'leading'`` starting where diffusers starts (below the top: ``n (N // (n + 1)) + steps_offset``, or
+        ``(n - 1) (N // n) + steps_offset`` with ``scheduler='ddim'``), and ``final_sigma='min'`` ending at the
+        training sigma_min instead of 0 (diffusers' ``final_sigmas_type='sigma_min'``, ``set_alpha_to_one=False``;
+        where the last timestep is already train step 0, diffusers' last step there has length 0 and is dropped)."""
+        zero = self.config.final_sigma == "zero"
+        if kind not in _DIFFUSERS_SPACINGS or not isinstance(self.schedule, DiscreteVP):
+            return self.solver.grid(self.schedule, n, kind, t_end=0.0 if zero else None, **options)
+        ts = make_grid(self.schedule, n, kind, t_end=0.0, **options)
+        if kind == "leading":
+            big, offset = self.config.num_train_timesteps, int(options.get("steps_offset", 0))
+            first = (n - 1) * (big // n) if options.get("scheduler") == "ddim" else n * (big // (n + 1))
+            ts[0] = min(float(self._time_from_network(np.array([first + offset], dtype=np.float64))[0]),
+                        self.schedule.t_max)
+        if not zero:
+            t_min = self.schedule.t_min
+            ts = ts[:-1] if ts[-2] <= t_min * (1 + 1e-12) else np.append(ts[:-1], t_min)
+        return check_grid(self.schedule, ts, name=f"the {kind!r} grid")
+
     def _set_grid(self, ts: np.ndarray, device, denoise_to_zero: bool = False):
-        """Timesteps (the evaluations: every time but the end; with ``denoise_to_zero`` every time) and sigmas
+        """Timesteps (the evaluations: every time but the end, and the times a solver evaluates between them, e.g.
+        Heun's second evaluation, in the solver's order; with a plan's ``denoise_to_zero`` every time) and sigmas
         (the noise level of each evaluation, then the end's: 0 after a final denoising evaluation)."""
         self._ts = ts
         self._denoise_to_zero = denoise_to_zero
-        evaluated = ts if denoise_to_zero else ts[:-1]
-        self.num_inference_steps = evaluated.size
+        evaluated, starts = ts if denoise_to_zero else ts[:-1], None
+        if self.plan is None and hasattr(self.solver, "plan"):
+            nodes, stages = self.solver.plan(self.schedule, ts)
+            if len(stages) != ts.size - 1:   # evaluations between the grid times (Heun, DPM-2, PNDM, ...)
+                evaluated = np.array([nodes[i].t for i in range(len(stages))], dtype=np.float64)
+                completed = np.cumsum([0] + [stage.completes for stage in stages[:-1]])
+                starts = np.where([i == 0 or stages[i - 1].completes for i in range(len(stages))], completed, -1)
+        self._eval_ts = evaluated
+        self._grid_index = np.arange(evaluated.size) if starts is None else starts   # -1: inside a step
+        # diffusers' num_inference_steps: the grid intervals (2 evaluations each for Heun), as its schedulers count
+        self.num_inference_steps = evaluated.size if starts is None else ts.size - 1
         self._network_ts = self._network_time(evaluated).astype(np.float32).astype(np.float64)  # = timesteps
         self.timesteps = torch.from_numpy(self._network_ts).to(device=device, dtype=torch.float32)
-        levels = self._noise_level(ts)
-        levels = np.append(levels, 0.0) if denoise_to_zero else levels
+        levels = np.append(self._noise_level(evaluated), 0.0 if denoise_to_zero else self._noise_level(ts[-1:]))
         self.sigmas = torch.from_numpy(levels).to(torch.float32)  # on the CPU, as diffusers
         self._begin_index = None
         self._reset()
@@ -745,8 +993,12 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
 
     def _init_step_index(self, timestep):
         self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
-        if not 0 <= self._step_index < self.num_inference_steps:
-            raise ValueError(f"begin index {self._step_index} is outside the {self.num_inference_steps} steps.")
+        if not 0 <= self._step_index < len(self._eval_ts):
+            raise ValueError(f"begin index {self._step_index} is outside the {len(self._eval_ts)} timesteps.")
+        if self._grid_index[self._step_index] < 0:
+            raise ValueError(f"begin index {self._step_index} is inside a step of {self.solver!r} (an evaluation "
+                             "between grid times); begin at the first evaluation of a step, i.e. at index "
+                             f"order * i (order = {self.order}) as diffusers' pipelines do.")
 
     def _solver_generator(self, generator, sample: torch.Tensor):
         if not self.solver.stochastic:
@@ -764,7 +1016,7 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         # The solver plans from this grid point on; a grid ending at t = 0 ends with its jump to the x0
         # prediction (the solver's own last stage). A plan runs its own step settings from that step on.
         x = sample.to(work)
-        k, solver = self._step_index, self.solver
+        k, solver = int(self._grid_index[self._step_index]), self.solver
         if self.plan is not None:
             self._check_plan_shape(sample)
             solver = PlanSolver(self.plan.steps[k:]) if k else solver
@@ -778,8 +1030,9 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         if timestep is None:
             return
         value = float(torch.as_tensor(timestep).reshape(-1)[0])
-        nearest = int(np.abs(self._network_ts - value).argmin())
-        if nearest == k:
+        distance = np.abs(self._network_ts - value)
+        nearest = int(distance.argmin())
+        if distance[k] <= distance[nearest]:   # (a timestep may repeat: Heun evaluates twice at most times)
             return
         taken = " (that step was already taken)" if nearest < k else ""
         raise ValueError(f"step() got timestep {value:.6g} = timesteps[{nearest}]{taken}, but the next step of this "
@@ -834,12 +1087,12 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         if self._step_index is None:
             self._init_step_index(timestep)
         k = self._step_index
-        if k >= self.num_inference_steps:
-            raise ValueError(f"All {self.num_inference_steps} steps have been taken; call set_timesteps again.")
+        if k >= len(self._eval_ts):
+            raise ValueError(f"All {len(self._eval_ts)} steps have been taken; call set_timesteps again.")
         self._check_timestep(timestep, k)
         in_dtype = sample.dtype
         work = torch.promote_types(in_dtype, torch.float32)
-        if self._denoise_to_zero and k == self.num_inference_steps - 1:
+        if self._denoise_to_zero and k == len(self._eval_ts) - 1:
             return self._denoise_step(model_output, sample, work, return_dict)
         if self._x is None:
             self._start(sample, work, generator)
@@ -867,9 +1120,9 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         if self._x is None:
             self._check_plan_shape(sample)
         x_eval = self._x if self._x is not None and sample is self._returned else sample.to(work)
-        x0 = self._predict(model_output, x_eval, float(self._ts[-1]), self.num_inference_steps - 1).x0
+        x0 = self._predict(model_output, x_eval, float(self._ts[-1]), len(self._eval_ts) - 1).x0
         x0 = x0.to(sample.dtype)
-        self._step_index = self.num_inference_steps
+        self._step_index = len(self._eval_ts)
         self._x, self._returned = None, x0
         if not return_dict:
             return (x0,)
@@ -885,7 +1138,7 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             table = self.timesteps.to(values.device)
             hits = values[:, None].to(table.dtype) == table[None, :]
             if bool(hits.any(dim=1).all()):
-                ts = self._ts[hits.float().argmax(dim=1).cpu().numpy()]
+                ts = self._eval_ts[hits.float().argmax(dim=1).cpu().numpy()]
         if ts is None:
             network = values.detach().cpu().to(torch.float64).numpy()
             lo, hi = self._network_time(np.array([self.schedule.t_min, self.schedule.t_max]))

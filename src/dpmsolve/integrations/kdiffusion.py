@@ -40,9 +40,37 @@ Samplers (``SAMPLERS`` maps each name to its dpmsolve solver and defaults):
 | ``dpmpp_3s`` | singlestep DPM-Solver++(3S) (``split='fast'`` by default: the reference's order split) |
 | ``dpm_solver_2m`` | multistep DPM-Solver-2 (noise prediction) |
 | ``dpm_solver_2s`` / ``dpm_solver_3s`` | singlestep DPM-Solver-2 / -3 (noise prediction) |
-| ``dpmpp_2m_sde`` | SDE-DPM-Solver++(2M), ``eta=1`` (= k-diffusion's ``sample_dpmpp_2m_sde`` for the same noise) |
-| ``unipc`` | UniPC order 3, B(h) = h (``variant='bh1'``, ComfyUI's ``uni_pc``) |
-| ``unipc_bh2`` | UniPC order 3, B(h) = e^h - 1 (ComfyUI's ``uni_pc_bh2``) |
+| ``unipc`` | UniPC order 3, B(h) = h (``variant='bh1'``) |
+| ``unipc_bh2`` | UniPC order 3, B(h) = e^h - 1 |
+
+Every ComfyUI KSampler name that dpmsolve implements is a sampler here too, with the solver and options of the
+presets table (``dpmsolve.presets.SAMPLERS``; generated from it, so a name means the same here, in ``dp.sample``
+and in the diffusers scheduler):
+
+| ComfyUI sampler | dpmsolve solver |
+| --- | --- |
+| ``euler``, ``ddim`` / ``heun`` / ``dpm_2`` | ``'euler'``, ``'ddim'`` (the same method) / ``'heun'`` / ``'dpm2'`` |
+| ``euler_ancestral`` / ``dpm_2_ancestral`` / ``dpmpp_2s_ancestral`` | ``'euler-ancestral'`` / ``'dpm2-ancestral'`` / ``'dpmpp-2s-ancestral'`` |
+| ``lms`` / ``ipndm`` / ``ipndm_v`` | ``'lms'`` / ``'ipndm'`` / ``'ipndm_v'``, order 4 |
+| ``deis`` | ``'deis'``, order 3, ``variant='rhoab'`` (ComfyUI's Adams weights in sigma) |
+| ``dpmpp_2m`` | ``'dpmsolver++'``, order 2 (= k-diffusion's ``sample_dpmpp_2m``) |
+| ``dpmpp_sde``, ``dpmpp_sde_gpu`` | ``'dpmpp-sde'`` (Brownian noise) |
+| ``dpmpp_2m_sde(_gpu)`` / ``dpmpp_2m_sde_heun(_gpu)`` | ``'dpmpp-2m-sde'``, ``solver_type`` ``'midpoint'`` / ``'heun'`` |
+| ``dpmpp_3m_sde``, ``dpmpp_3m_sde_gpu`` | ``'dpmpp-3m-sde'`` |
+| ``ddpm`` | ``'ddim'``, ``eta=1`` (the DDPM posterior) |
+| ``res_multistep`` / ``gradient_estimation`` | ``'res-multistep'`` / ``'gradient-estimation'`` (``gamma=2``) |
+| ``er_sde`` | ``'er-sde'``, ``integration_points=200`` (ComfyUI's sums) |
+| ``sa_solver`` / ``sa_solver_pece`` | ``'sa-solver'`` / with ``pece=True`` |
+| ``uni_pc`` / ``uni_pc_bh2`` | ``'unipc'``, order 3, ``variant`` ``'bh1'`` / ``'bh2'``, ``lower_order_final=True`` |
+| ``dpm_fast``, ``dpm_adaptive`` | k-diffusion's signatures (below): singlestep DPM-Solver-fast, adaptive DPM-Solver-23 |
+
+ComfyUI names dpmsolve does not implement (``dpmsolve.presets.NOT_IMPLEMENTED``): the CFG++ variants (``*_cfg_pp``,
+``cfgpp_ud10_ab``: they need the unconditional prediction inside the update, and guidance is a denoiser wrapper
+here), the SEEDS family (``seeds_2``, ``seeds_3``, ``exp_heun_2_x0``, ``exp_heun_2_x0_sde``: not yet), ``heunpp2``
+(no published method), ``res_multistep_ancestral`` (no noisy RES multistep yet) and ``lcm`` (sampling of
+consistency-distilled models, not a solver). Differences from ComfyUI: its ``_gpu`` variants differ only in where
+the Brownian tree lives; its ``sa_solver`` switches the noise on in the middle of the schedule only (pass ``tau=`` a
+function for that), its ``uni_pc`` stops at sigma = 0.001 instead of jumping to 0.
 
 Tuned plans (:class:`dpmsolve.Plan`, from ``dpmsolve.tune`` or ``Plan.load``): ``plan_sigmas(plan, schedule)``
 is the plan's grid as k-diffusion sigmas, and ``sample_plan(model, x, sigmas, ..., plan=plan)`` runs the plan's
@@ -56,7 +84,9 @@ sampler = comfy.samplers.KSAMPLER(kdiffusion.sample_plan, extra_options={"plan":
 ```
 
 ``sample_dpm_adaptive(model, x, sigma_min, sigma_max, ...)`` has k-diffusion's adaptive signature (adaptive
-DPM-Solver-12/23 from ``sigma_max`` to ``sigma_min``; k-diffusion's PID options are not supported).
+DPM-Solver-12/23 from ``sigma_max`` to ``sigma_min``; k-diffusion's PID options are not supported), and
+``sample_dpm_fast(model, x, sigma_min, sigma_max, n, ...)`` k-diffusion's DPM-Solver-fast signature (``n``
+evaluations, equal to k-diffusion's to round-off when its times are float64).
 
 Grids: ``get_sigmas_karras``, ``get_sigmas_exponential`` (= ``get_sigmas_logsnr``) return k-diffusion's tensors
 (``n`` sigmas from ``sigma_max`` to ``sigma_min`` then 0); ``get_sigmas(schedule, n, kind)`` turns any dpmsolve
@@ -92,6 +122,7 @@ import torch
 from .._checks import check_tensor
 from ..grids import make_grid
 from ..model import wrap_model
+from ..presets import SAMPLERS as _PRESETS
 from ..sampling import sample
 from ..schedules import EDM, Schedule
 from ..solvers import Solver, get_solver
@@ -101,17 +132,11 @@ from ..tuning.plan import Plan, PlanError, PlanSolver, PlanStep
 
 __all__ = [
     "SAMPLERS",
-    "sample_ddim",
-    "sample_dpmpp_2m",
-    "sample_dpmpp_3m",
-    "sample_dpmpp_2s",
-    "sample_dpmpp_3s",
-    "sample_dpm_solver_2m",
-    "sample_dpm_solver_2s",
-    "sample_dpm_solver_3s",
-    "sample_dpmpp_2m_sde",
-    "sample_unipc",
-    "sample_unipc_bh2",
+    *(f"sample_{name}" for name in ("ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "dpmpp_3s", "dpm_solver_2m",
+                                    "dpm_solver_2s", "dpm_solver_3s", "unipc", "unipc_bh2")),
+    *(f"sample_{name}" for name, preset in _PRESETS.items() if not preset.range_only and name not in (
+        "ddim", "dpmpp_2m")),
+    "sample_dpm_fast",
     "sample_dpm_adaptive",
     "sample_plan",
     "plan_sigmas",
@@ -121,7 +146,10 @@ __all__ = [
     "get_sigmas",
 ]
 
-# name -> (dpmsolve registry name, default options). The options a caller passes override the defaults.
+# name -> (dpmsolve registry name, default options). The options a caller passes override the defaults. dpmsolve's
+# own names first, then every ComfyUI sampler name of dpmsolve.presets that takes k-diffusion's (model, x, sigmas)
+# signature (all but dpm_fast and dpm_adaptive, which take k-diffusion's (sigma_min, sigma_max) signatures below),
+# from the presets table itself: a ComfyUI name means the same solver and options here and in dp.sample.
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("ddim", {}),
     "dpmpp_2m": ("dpmsolver++", {"order": 2}),
@@ -131,10 +159,11 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm_solver_2m": ("dpmsolver", {"order": 2}),
     "dpm_solver_2s": ("dpmsolver", {"method": "singlestep", "order": 2}),
     "dpm_solver_3s": ("dpmsolver", {"method": "singlestep", "order": 3}),
-    "dpmpp_2m_sde": ("sde-dpmsolver++", {"order": 2, "eta": 1.0}),
     "unipc": ("unipc", {"order": 3, "variant": "bh1"}),
     "unipc_bh2": ("unipc", {"order": 3, "variant": "bh2"}),
 }
+SAMPLERS.update((name, (preset.solver, dict(preset.options))) for name, preset in _PRESETS.items()
+                if not preset.range_only)
 
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -345,17 +374,31 @@ def _make_sampler(name: str) -> Callable[..., torch.Tensor]:
     return sampler
 
 
-sample_ddim = _make_sampler("ddim")
-sample_dpmpp_2m = _make_sampler("dpmpp_2m")
-sample_dpmpp_3m = _make_sampler("dpmpp_3m")
-sample_dpmpp_2s = _make_sampler("dpmpp_2s")
-sample_dpmpp_3s = _make_sampler("dpmpp_3s")
-sample_dpm_solver_2m = _make_sampler("dpm_solver_2m")
-sample_dpm_solver_2s = _make_sampler("dpm_solver_2s")
-sample_dpm_solver_3s = _make_sampler("dpm_solver_3s")
-sample_dpmpp_2m_sde = _make_sampler("dpmpp_2m_sde")
-sample_unipc = _make_sampler("unipc")
-sample_unipc_bh2 = _make_sampler("unipc_bh2")
+for _name in SAMPLERS:   # sample_ddim, sample_dpmpp_2m, ..., sample_euler_ancestral, sample_uni_pc_bh2, ...
+    globals()[f"sample_{_name}"] = _make_sampler(_name)
+del _name
+
+
+def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.0,
+                    s_noise=1.0, noise_sampler=None, **options):
+    """DPM-Solver-fast with ``n`` model evaluations from ``sigma_max`` to ``sigma_min`` (no jump to 0), with
+    k-diffusion's ``sample_dpm_fast`` signature: singlestep DPM-Solver (noise prediction, ``solver_type=
+    'dpmsolver'``) with the reference's order split (blocks of order 3, then 2 and 1 or ``n % 3``), the blocks
+    uniform in log-SNR and divided uniformly in log-SNR (dpmsolve ``'dpmsolver'`` with ``method='singlestep',
+    order=3, split='fast'`` on the ``'logSNR'`` grid; ComfyUI's ``dpm_fast``). ``eta`` must be 0 (k-diffusion's
+    default; no SDE form here). The callback dict has ``sigma`` = the noise level of each step's start."""
+    if eta:
+        raise ValueError("sample_dpm_fast supports eta = 0 only (k-diffusion's default; no DPM-Solver-fast SDE here).")
+    del s_noise, noise_sampler  # accepted for k-diffusion compatibility; unused at eta = 0
+    sigma_min, sigma_max = float(sigma_min), float(sigma_max)
+    if not (0 < sigma_min < sigma_max < math.inf):
+        raise ValueError(f"sample_dpm_fast needs 0 < sigma_min < sigma_max (it integrates from sigma_max down to "
+                         f"sigma_min), got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}.")
+    solver_name, defaults = _PRESETS["dpm_fast"].solver, dict(_PRESETS["dpm_fast"].options)
+    schedule = EDM(sigma_min=sigma_min, sigma_max=sigma_max)
+    solver = get_solver(solver_name, **{**defaults, **options})
+    ts = solver.grid(schedule, n, "logSNR")
+    return _sample_k(lambda grid: solver, {}, model, x, torch.as_tensor(ts), extra_args, callback, disable)
 
 
 def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None, disable=None, order=3,
