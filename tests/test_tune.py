@@ -119,6 +119,56 @@ def test_coefficient_fit_is_kept_only_when_the_check_noises_confirm_it():
     assert same == plan and not info["kept"] and "differentiable" in info["why"]
 
 
+TUNE_WORKER = """
+import sys, torch, torch.distributed as dist
+import dpmsolve as dp
+from dpmsolve.lab.problems import GaussianMixture
+dist.init_process_group("gloo")
+problem = GaussianMixture.random(k=6, dim=4, seed=3)
+den = problem.denoiser(dp.DiscreteVP.linear())
+x_T = torch.randn((40, 4), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+plan = dp.tune(den, x_T, 4, budget=40, reference_rtol=1e-7, fit_iterations=5, group=dist.group.WORLD)
+if dist.get_rank() == 0:
+    plan.save(sys.argv[1])
+dist.destroy_process_group()
+"""
+
+
+def test_tuning_on_two_ranks_gives_the_single_process_plan(tmp_path):
+    # torchrun (gloo, CPU): each rank evaluates half of every set of noises, references included; errors are
+    # gathered and the fit's gradients summed, so the plan is the one a single process finds.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from dpmsolve.lab.problems import GaussianMixture
+
+    (tmp_path / "worker.py").write_text(TUNE_WORKER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "worker.py", str(tmp_path / "plan.json")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = Plan.load(tmp_path / "plan.json")
+    problem = GaussianMixture.random(k=6, dim=4, seed=3)
+    den = problem.denoiser(SCHEDULE)
+    x_T = torch.randn((40, 4), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    single = dp.tune(den, x_T, 4, budget=40, reference_rtol=1e-7, fit_iterations=5)
+    np.testing.assert_allclose(ranks.ts, single.ts, rtol=1e-12)
+    for a, b in zip(ranks.steps, single.steps):
+        assert a.short() == b.short()
+        np.testing.assert_allclose(a.scale + a.corrector_scale, b.scale + b.corrector_scale, atol=2e-6)
+    for part in ("tune", "held_out"):
+        assert ranks.info[part]["n"] == single.info[part]["n"]
+        assert ranks.info[part]["median"] == pytest.approx(single.info[part]["median"], rel=1e-6)
+    # evaluations are counted per rank: the same batched calls as one process, each on half the noises
+    assert ranks.info["cost"]["search_evaluations"] == single.info["cost"]["search_evaluations"]
+
+
 def test_bad_arguments_are_refused():
     _, den = gaussian()
     with pytest.raises(ValueError, match="nfe"):

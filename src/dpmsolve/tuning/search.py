@@ -69,8 +69,10 @@ def _family_steps(n: int, predict: str, order: int, rule: str, corrector: str | 
 class _Runner:
     """Runs plans on a fixed batch of start noises against its references, caching evaluations by prefix."""
 
-    def __init__(self, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tensor, cache_size: int = 256):
+    def __init__(self, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tensor, cache_size: int = 256,
+                 shard: _Shard | None = None):
         self.denoiser, self.x, self.ref = denoiser, x, ref.to(torch.float64)
+        self.shard = shard or _Shard()
         self.work = torch.promote_types(x.dtype, torch.float32)
         self.cache: OrderedDict = OrderedDict()
         self.cache_size = cache_size
@@ -107,13 +109,58 @@ class _Runner:
         return x_out
 
     def errors(self, plan: Plan) -> torch.Tensor:
-        return plan_errors(self.run(plan), self.ref)
+        """Per-sample errors of every noise of the shard's group (gathered in rank order)."""
+        return self.shard.gather(plan_errors(self.run(plan), self.ref))
 
 
 def plan_errors(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Per-sample RMS error over all non-batch coordinates (float64, shape (N,)); NaN/Inf samples give inf."""
     e = (x.to(torch.float64) - ref.to(torch.float64)).reshape(x.shape[0], -1).pow(2).mean(1).sqrt()
     return torch.where(torch.isfinite(e), e, torch.full_like(e, math.inf))
+
+
+class _Shard:
+    """This process's share of the noises under ``torch.distributed`` (``group``; None: one process has all).
+
+    Every index list the tuner evaluates is split into contiguous chunks in rank order, and per-sample results are
+    gathered back in that order, so every rank sees the single-process vectors and takes the same decisions."""
+
+    def __init__(self, group=None):
+        self.group, self.rank, self.world = group, 0, 1
+        if group is not None:
+            import torch.distributed as dist
+
+            if not dist.is_available() or not dist.is_initialized():
+                raise ValueError("group= was given but torch.distributed is not initialised; launch with torchrun and "
+                                 "call torch.distributed.init_process_group() first, or pass group=None.")
+            self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+
+    def part(self, idx: torch.Tensor) -> torch.Tensor:
+        n = idx.numel()
+        return idx[n * self.rank // self.world: n * (self.rank + 1) // self.world]
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """The concatenation over ranks (in rank order) of each rank's ``t`` (first dimensions may differ)."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else "cpu"
+        sizes = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor(t.shape[0], device=device), group=self.group)
+        longest = int(max(sizes))
+        padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=device)
+        padded[: t.shape[0]] = t
+        chunks = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(chunks, padded, group=self.group)
+        return torch.cat([c[: int(k)] for c, k in zip(chunks, sizes)]).to(t.device)
+
+    def sum_gradients(self, tensors) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for tensor in tensors:
+                dist.all_reduce(tensor.grad, group=self.group)
 
 
 def _objective(errors: torch.Tensor, floor: float) -> float:
@@ -273,7 +320,7 @@ def _with_scales(plan: Plan, thetas: dict) -> Plan:
 
 def fit_scales(plan: Plan, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tensor, floor: float,
                x_check: torch.Tensor, ref_check: torch.Tensor, denoiser_check: Denoiser, iterations: int = 40,
-               lr: float = 0.02) -> tuple[Plan, dict]:
+               lr: float = 0.02, shard: _Shard | None = None) -> tuple[Plan, dict]:
     """Fit multipliers of the plan's update coefficients (Adam on the mean log per-sample error, through the
     model), kept only if the check noises' objective drops too. Returns (plan, what happened)."""
     base = dataclasses.replace(plan, steps=tuple(dataclasses.replace(s, scale=(), corrector_scale=())
@@ -286,7 +333,9 @@ def fit_scales(plan: Plan, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tenso
             if base.steps[i].corrector is not None:
                 n = len(stages[i + 1].corrector.points) + 1
                 thetas[(i, "corrector_scale")] = torch.zeros(n, dtype=torch.float64, requires_grad=True)
-    check = _Runner(denoiser_check, x_check, ref_check)
+    shard = shard or _Shard()
+    check = _Runner(denoiser_check, x_check, ref_check, shard=shard)
+    n_fit = int(shard.gather(torch.tensor([x.shape[0]])).sum())
     before = _objective(check.errors(base), floor)
     info = {"parameters": sum(t.numel() for t in thetas.values()), "iterations": 0, "check_before": before,
             "evaluations": 0, "backward_passes": 0}
@@ -305,10 +354,11 @@ def fit_scales(plan: Plan, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tenso
                 info["evaluations"] += check.evaluations + 2
                 return base, {**info, "kept": False, "why": "the model's output is not differentiable in its input"}
             info["evaluations"] += base.nfe
-            loss = torch.log(plan_errors(out, ref) + floor).mean()
-            if not torch.isfinite(loss):
+            loss = torch.log(plan_errors(out, ref) + floor).sum() / n_fit     # this rank's part of the mean
+            if not bool(shard.gather(torch.isfinite(loss).reshape(1)).all()):
                 break
             loss.backward()
+        shard.sum_gradients(thetas.values())
         info["backward_passes"] += 1
         info["iterations"] += 1
         optimiser.step()
@@ -401,7 +451,7 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
          families: Sequence = FAMILIES,
          budget: int | None = None, budget_per_nfe: int = 150, moves: Sequence[float] = MOVES,
          per_step: bool = True, fit_iterations: int = 40, seed: int = 0, schedule: Schedule | None = None,
-         model: str | None = None, progress: bool | None = None) -> Plan | dict[int, Plan]:
+         model: str | None = None, group=None, progress: bool | None = None) -> Plan | dict[int, Plan]:
     """Search a plan (time grid and per-step solver settings) for ``denoiser`` at ``nfe`` model evaluations.
 
     Args:
@@ -426,6 +476,10 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
             noises with gradients through the model: about 3 evaluations' cost per model call); 0: no fit.
         seed: fixes the tuning / held-out split and the fit's check quarter (the search has no randomness).
         model: the model identifier stored in the plan (default: a hash of the network's parameters).
+        group: a ``torch.distributed`` process group (under ``torchrun``: ``torch.distributed.group.WORLD``): every
+            rank passes the same arguments and evaluates its contiguous share of each set of noises (references
+            included); per-sample errors are gathered and the fit's gradients summed, so every rank returns the
+            single-process plan (to round-off). Model evaluations are counted per rank.
     """
     started = time.perf_counter()
     if endpoint not in ("zero", "t_min"):
@@ -464,19 +518,27 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
     to_zero = endpoint == "zero"
     t_end = schedule.t_min
     ref_evals = 0
-    parts = {}
+    shard = _Shard(group)
+    full_refs = {}                                  # every noise's reference, on every rank (gathered)
     for name, idx in (("tune", idx_tune), ("held_out", idx_hold)):
         if idx.numel() == 0:
             continue
-        den = _bind(denoiser, model_kwargs, idx, n)
-        x = noise[idx]
         if reference is None:
-            ref, used = _reference(den, x, to_zero, reference_steps, reference_rtol)
+            local = shard.part(idx)
+            ref, used = _reference(_bind(denoiser, model_kwargs, local, n), noise[local], to_zero, reference_steps,
+                                   reference_rtol)
+            full_refs[name] = shard.gather(ref)
             ref_evals += used
         else:
-            ref = reference[idx].to(torch.float64)
-        parts[name] = (den, x, ref)
-    den_t, x_t, ref_t = parts["tune"]
+            full_refs[name] = reference[idx].to(torch.float64)
+
+    def shared(name: str, idx: torch.Tensor, pos: torch.Tensor | None = None):
+        """(denoiser, noise, reference) of this rank's share of ``idx[pos]`` (pos: positions in ``idx``)."""
+        pos = shard.part(torch.arange(idx.numel()) if pos is None else pos)
+        return _bind(denoiser, model_kwargs, idx[pos], n), noise[idx[pos]], full_refs[name][pos]
+
+    parts = {name: shared(name, idx) for name, idx in (("tune", idx_tune), ("held_out", idx_hold)) if idx.numel()}
+    den_t, ref_t = parts["tune"][0], full_refs["tune"]
     spread = float((ref_t - ref_t.mean(0)).pow(2).mean().sqrt())
     threshold, floor = 0.5 * spread, 1e-9 * spread + 1e-30
     identity = model if model is not None else model_identity(den_t)
@@ -487,36 +549,38 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
     n_check = idx_tune.numel() // 4
     fit_parts = []
     for pos in (order[n_check:].sort().values, order[:n_check].sort().values):
-        fit_parts += [_bind(denoiser, model_kwargs, idx_tune[pos], n), x_t[pos], ref_t[pos]]
+        fit_parts += shared("tune", idx_tune, pos)
     plans = {}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(nfes), desc="dpmsolve tune", unit="nfe", disable=None if progress is None else not progress,
+    quiet = shard.rank != 0 or progress is False
+    bar = tqdm(total=len(nfes), desc="dpmsolve tune", unit="nfe", disable=True if quiet else (None if progress is None else False),
                leave=False)
     for k in nfes:
         t0 = time.perf_counter()
-        runner = _Runner(den_t, x_t, ref_t)
+        runner = _Runner(*parts["tune"], shard=shard)
         limit = budget_per_nfe * k if budget is None else int(budget)
         plan, start_plan, info = _search(runner, grid, int(k), families, floor, limit, to_zero, tuple(moves),
                                          per_step)
         fit_evals = 0
         if fit_iterations > 0 and n_check >= 2:
             den_f, x_f, ref_f, den_c, x_c, ref_c = fit_parts
-            plan, info["fit"] = fit_scales(plan, den_f, x_f, ref_f, floor, x_c, ref_c, den_c, int(fit_iterations))
+            plan, info["fit"] = fit_scales(plan, den_f, x_f, ref_f, floor, x_c, ref_c, den_c, int(fit_iterations),
+                                           shard=shard)
             fit_evals = info["fit"]["evaluations"]
         plan_final = Plan(plan.ts, plan.steps, plan.denoise_to_zero, **fields)
         info.update(objective="mean log per-sample RMS error (tuning noises)", endpoint=endpoint,
                     far_threshold=threshold, seed=seed)
         checked = 0
         for name, (den, x, ref) in parts.items():
-            check = _Runner(den, x, ref)
+            check = _Runner(den, x, ref, shard=shard)
             summary = _summary(check.errors(plan_final), threshold)
             start = _summary(check.errors(start_plan), threshold)
             summary.update(start_median=start["median"], start_rmse=start["rmse"], start_far=start["far"])
             info[name] = summary
             checked += check.evaluations
         info["cost"] = {"search_evaluations": runner.evaluations, "reference_evaluations": ref_evals,
-                        "check_evaluations": checked, "fit_evaluations": fit_evals, "batch": int(x_t.shape[0]),
+                        "check_evaluations": checked, "fit_evaluations": fit_evals, "batch": int(idx_tune.numel()),
                         "model_evaluations": runner.evaluations + ref_evals + checked + fit_evals,
                         "runs": runner.runs, "seconds": time.perf_counter() - t0,
                         "seconds_with_references": time.perf_counter() - started}
