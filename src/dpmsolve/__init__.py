@@ -25,6 +25,7 @@ from .sampling import invert as invert, sample as sample
 from .inversion import BDIA as BDIA, EDICT as EDICT, Inversion as Inversion, NoiseSequence as NoiseSequence
 # Imported here, not lazily: once the submodule dpmsolve.generate is imported its name would shadow a lazy attribute.
 from .generate import generate as generate
+from .wrappers import PerSampleTime as PerSampleTime, TimeShift as TimeShift
 from .tuning import Plan as Plan, PlanError as PlanError, PlanStep as PlanStep, tune as tune
 from .schedules import (
     EDM as EDM,
@@ -44,6 +45,7 @@ from .solvers import (
     PLMS as PLMS,
     PNDM as PNDM,
     GradientEstimation as GradientEstimation,
+    HeavyBall as HeavyBall,
     RESMultistep as RESMultistep,
     Euler as Euler,
     Heun as Heun,

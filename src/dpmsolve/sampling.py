@@ -178,7 +178,8 @@ def _check_finite(pred: Prediction, step: int, t: float) -> None:
         return
     extremes = torch.stack([*pred.x0.detach().aminmax(), *pred.eps.detach().aminmax()])
     if not torch.isfinite(extremes).all():
-        raise NonFiniteError(f"The model returned NaN or Inf at step {step} (t={t:.6g}). Check the model and its "
+        where = f"t={t:.6g}" if isinstance(t, (int, float)) else "per-sample times"  # a tensor: TimeShift's times
+        raise NonFiniteError(f"The model returned NaN or Inf at step {step} ({where}). Check the model and its "
                              "time input, or use a lower guidance scale; pass check_finite=False to continue.")
 
 

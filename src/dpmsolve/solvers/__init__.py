@@ -13,6 +13,7 @@ from .linear_multistep import DEIS, IPNDM, IPNDMV, LMS, GradientEstimation, RESM
 from .pndm import PLMS, PNDM
 from .unipc import UniPC
 from .v3 import DPMSolverV3
+from .momentum import HeavyBall, momentum
 from .er_sde import ERSDE
 from .sa_solver import SASolver
 from .stochastic import (DPM2Ancestral, DPMPP2MSDE, DPMPP2SAncestral, DPMPP3MSDE, DPMPPSDE, EulerAncestral,
@@ -64,6 +65,7 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "lms": LMS,                            # k-diffusion's linear multistep in sigma-space
     "res-multistep": RESMultistep,         # RES 2nd-order multistep (Zhang, Song & Chen 2023)
     "gradient-estimation": GradientEstimation,  # Permenter & Yuan 2024 (ComfyUI gradient_estimation)
+    "momentum": momentum,                  # heavy-ball momentum around a fixed-grid solver (Wizadwongsa et al. 2023)
 }
 
 

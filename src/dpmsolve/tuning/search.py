@@ -398,7 +398,7 @@ def _restricted(denoiser: Denoiser, idx: torch.Tensor, n: int) -> Denoiser:
     if isinstance(denoiser, ClassifierFreeGuidance):
         cond = {k: _subset(v, idx, n) for k, v in denoiser.cond.items()}
         uncond = {k: _subset(v, idx, n) for k, v in denoiser.uncond.items()}
-        out = ClassifierFreeGuidance(out.inner, denoiser.scale, cond, uncond)
+        out = ClassifierFreeGuidance(out.inner, denoiser.scale, cond, uncond, denoiser.interval)
     return out
 
 

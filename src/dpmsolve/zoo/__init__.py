@@ -133,15 +133,18 @@ def classifier(name: str = "digits-classifier") -> torch.nn.Module:
     return _load_net(name)[0]
 
 
-def guided(model: ZooModel, labels, scale: float = 3.0) -> ClassifierFreeGuidance:
-    """A classifier-free-guided denoiser for ``labels`` (one per sample; ``scale`` 1 = plain conditional)."""
+def guided(model: ZooModel, labels, scale: float = 3.0, interval: tuple[float, float] | None = None
+           ) -> ClassifierFreeGuidance:
+    """A classifier-free-guided denoiser for ``labels`` (one per sample; ``scale`` 1 = plain conditional);
+    ``interval=(sigma_lo, sigma_hi)`` guides only at those VE noise levels sigma/alpha (see
+    :class:`~dpmsolve.ClassifierFreeGuidance`)."""
     if model.num_classes == 0:
         raise ValueError(f"Zoo model {model.name!r} is unconditional: use model.denoiser, not guided().")
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if labels.numel() and (labels.min() < 0 or labels.max() >= model.num_classes):
         raise ValueError(f"labels must be in [0, {model.num_classes - 1}].")
     null = torch.full_like(labels, model.null_class)
-    return ClassifierFreeGuidance(model.denoiser, scale, cond={"y": labels}, uncond={"y": null})
+    return ClassifierFreeGuidance(model.denoiser, scale, cond={"y": labels}, uncond={"y": null}, interval=interval)
 
 
 def statistics(name: str, guidance: float | None = 3.0):
