@@ -593,7 +593,7 @@ def invert(denoiser: Denoiser, x0: torch.Tensor, solver: str | Solver | None = N
     if noise_map:
         return _noise_map(denoiser, x0, solver, check_grid(denoiser.schedule, ts), generator, seed, callback,
                           progress, return_intermediates, check_finite, model_kwargs)
-    ts = check_grid(denoiser.schedule, ts[::-1].copy(), increasing=True, name="the inversion grid")
+    ts = inversion_grid(denoiser.schedule, ts)
     if solver.adaptive:
         ts = ts[[0, -1]]
     if method is None:
@@ -609,6 +609,14 @@ def invert(denoiser: Denoiser, x0: torch.Tensor, solver: str | Solver | None = N
     name = "bdia" if isinstance(method, BDIA) else "edict"
     return Inversion(x=sol.x, nfe=sol.nfe, ts=ts[::-1].copy(), solver=method, method=name, state=state,
                      trajectory=sol.trajectory, stats=sol.stats)
+
+
+def inversion_grid(schedule, ts) -> np.ndarray:
+    """The inversion grid of the sampling grid ``ts`` (decreasing, noise -> data): ``ts`` reversed (data -> noise),
+    checked as strictly increasing inside the schedule (an inversion cannot start at sigma = 0). Shared by
+    :func:`invert` and the diffusers ``DPMSolveInverseScheduler``."""
+    return check_grid(schedule, np.asarray(ts, dtype=np.float64)[::-1].copy(), increasing=True,
+                      name="the inversion grid")
 
 
 class _LastState(StepDriver):

@@ -1,7 +1,8 @@
 """Drop-in adapters for other libraries' sampling loops.
 
 - ``dpmsolve.integrations.diffusers``: :class:`DPMSolveScheduler` and its named presets, diffusers schedulers
-  that run any dpmsolve fixed-grid solver inside a diffusers pipeline.
+  that run any dpmsolve fixed-grid solver inside a diffusers pipeline, and
+  :class:`DPMSolveInverseScheduler`, its inverse (data -> noise, as ``dpmsolve.invert``).
 - ``dpmsolve.integrations.kdiffusion`` (where present): k-diffusion-style sampling functions.
 
 Each submodule imports its host library, so it is loaded only when one of its names is first used (or imported
@@ -13,7 +14,7 @@ from __future__ import annotations
 import importlib
 
 _DIFFUSERS_NAMES = ("DPMSolveScheduler", "DPMSolveSchedulerOutput", "DDIMSolveScheduler",
-                    "DPMSolverPPMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCScheduler")
+                    "DPMSolverPPMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCScheduler", "DPMSolveInverseScheduler")
 
 __all__ = list(_DIFFUSERS_NAMES)
 

@@ -69,13 +69,13 @@ from .._checks import check_tensor
 from ..ems.statistics import EMS, EMSError
 from ..grids import DIFFUSERS_SIGMA_FLAGS, GRIDS, check_grid, make_grid
 from ..model import PREDICTIONS, ClipX0, Denoiser, DynamicThresholding, Prediction
-from ..sampling import NonFiniteError, _check_finite
+from ..sampling import NonFiniteError, _check_finite, inversion_grid
 from ..schedules import ZERO_SNR_ALPHA_BAR, DiscreteVP, RectifiedFlow
 from ..solvers import SOLVERS, get_solver
 from ..tuning.plan import Plan, PlanError, PlanSolver
 
 __all__ = ["DPMSolveScheduler", "DPMSolveSchedulerOutput", "DDIMSolveScheduler", "DPMSolverPPMultistepScheduler",
-           "DPMSolverSinglestepScheduler", "UniPCScheduler"]
+           "DPMSolverSinglestepScheduler", "UniPCScheduler", "DPMSolveInverseScheduler"]
 
 # diffusers' prediction_type -> dpmsolve.PREDICTIONS key
 _PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
@@ -112,7 +112,9 @@ _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedul
 _FAMILIES = {"DPMSolverMultistepScheduler": "dpm", "DPMSolverSinglestepScheduler": "singlestep",
              "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis", "EulerDiscreteScheduler": "euler",
              "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms", "PNDMScheduler": "pndm",
-             "DDIMScheduler": "ddim"}
+             "DDIMScheduler": "ddim",
+             # diffusers' inverse schedulers: the method of their forward counterpart (by _class_name only)
+             "DDIMInverseScheduler": "ddim", "DPMSolverMultistepInverseScheduler": "dpm"}
 _KARRAS_PORTS = ("euler", "heun", "lms")      # k-diffusion ports: n timesteps, 'linspace' not rounded
 _DDIM_SPACING = ("ddim", "pndm", *_KARRAS_PORTS)   # n timesteps (DPM-Solver-type: n + 1, the last dropped)
 
@@ -847,7 +849,7 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         """Evaluation times (+ a trailing 0 taken as the end) -> the full grid, ended as final_sigma says."""
         if ts.size >= 2 and ts[-1] == 0.0:
             return check_grid(self.schedule, ts, name=f"the grid from {what}")
-        if self.config.final_sigma == "zero":
+        if self._ends_at_zero():
             return check_grid(self.schedule, np.append(ts, 0.0), name=f"the grid from {what}")
         t_min = self.schedule.t_min
         if ts[-1] <= t_min * (1 + 1e-9):
@@ -922,7 +924,7 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
         ``(n - 1) (N // n) + steps_offset`` with ``scheduler='ddim'``), and ``final_sigma='min'`` ending at the
         training sigma_min instead of 0 (diffusers' ``final_sigmas_type='sigma_min'``, ``set_alpha_to_one=False``;
         where the last timestep is already train step 0, diffusers' last step there has length 0 and is dropped)."""
-        zero = self.config.final_sigma == "zero"
+        zero = self._ends_at_zero()
         if kind not in _DIFFUSERS_SPACINGS or not isinstance(self.schedule, DiscreteVP):
             return self.solver.grid(self.schedule, n, kind, t_end=0.0 if zero else None, **options)
         ts = make_grid(self.schedule, n, kind, t_end=0.0, **options)
@@ -935,6 +937,10 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             t_min = self.schedule.t_min
             ts = ts[:-1] if ts[-2] <= t_min * (1 + 1e-12) else np.append(ts[:-1], t_min)
         return check_grid(self.schedule, ts, name=f"the {kind!r} grid")
+
+    def _ends_at_zero(self) -> bool:
+        """Whether a named grid ends at t = 0 (``final_sigma='zero'``) rather than at t_min."""
+        return self.config.final_sigma == "zero"
 
     def _set_grid(self, ts: np.ndarray, device, denoise_to_zero: bool = False):
         """Timesteps (the evaluations: every time but the end, and the times a solver evaluates between them, e.g.
@@ -1209,3 +1215,57 @@ class UniPCScheduler(DPMSolveScheduler):
     _default_solver = "unipc"
     _default_solver_options: dict = {"order": 2}
     _preset = True
+
+
+class DPMSolveInverseScheduler(DPMSolveScheduler):
+    """The inverse of :class:`DPMSolveScheduler` (diffusers' ``DDIMInverseScheduler`` /
+    ``DPMSolverMultistepInverseScheduler``): ``step`` runs the probability-flow ODE from data to noise with a
+    deterministic dpmsolve solver, exactly as :func:`dpmsolve.invert` does (the same solver on the sampling grid
+    reversed), one model evaluation per ``step``:
+
+    ```python
+    inverse = DPMSolveInverseScheduler.from_config(pipe.scheduler.config)   # the pipeline's solver and grid
+    inverse.set_timesteps(50)                                               # increasing: data -> noise
+    for t in inverse.timesteps:
+        latents = inverse.step(unet(latents, t, ...).sample, t, latents).prev_sample
+    ```
+
+    Config and ``from_config`` as :class:`DPMSolveScheduler` (a config of diffusers' ``DDIMInverseScheduler`` runs
+    DDIM, of ``DPMSolverMultistepInverseScheduler`` DPM-Solver++, on their forward counterparts' timesteps). The
+    grid is the sampling grid of ``set_timesteps(n)`` reversed, and it always starts at the schedule's t_min (as
+    ``dp.invert``; an ODE step cannot leave sigma = 0): ``final_sigma`` / ``set_alpha_to_one`` do not apply.
+    ``timesteps`` are the network times of the evaluations, increasing; the model is evaluated at the sample's own
+    time. Differences from diffusers' ``DDIMInverseScheduler``: diffusers evaluates the network at the *target*
+    timestep of each step (on the sample at the previous one) and starts at alpha = 1 with ``set_alpha_to_one=True``;
+    with ``steps_offset=0, set_alpha_to_one=False`` its first step has length 0 (the identity), which is dropped
+    here (n - 1 timesteps).
+
+    Refused with a ValueError: a stochastic solver (``eta > 0``, SDE solvers: use ``dp.invert(..., noise_map=True)``),
+    a ``plan`` (tuned for sampling), explicit ``timesteps`` / ``sigmas`` in ``set_timesteps``.
+    """
+
+    def _load_plan(self, path: str) -> Plan:
+        raise ValueError(f"{type(self).__name__} cannot run a plan ({path}): a plan is tuned for sampling (noise -> "
+                         "data). Build it without plan=, with a deterministic solver (e.g. solver='dpmsolver++').")
+
+    def _ends_at_zero(self) -> bool:
+        return False   # the inversion starts at t_min (dp.invert's default t_end)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps=None, sigmas=None, mu: float | None = None):
+        """The inversion grid of ``num_inference_steps`` steps: the configured sampling grid reversed (from t_min
+        to the top), ``timesteps`` increasing. ``mu`` as :meth:`DPMSolveScheduler.set_timesteps`."""
+        if timesteps is not None or sigmas is not None:
+            raise ValueError(f"{type(self).__name__}.set_timesteps takes num_inference_steps only (explicit "
+                             "timesteps / sigmas are not supported for inversion); pick the grid with grid= / "
+                             "grid_options= in the config.")
+        if num_inference_steps is None:
+            raise ValueError("Pass num_inference_steps (the number of inversion steps).")
+        if self.solver.stochastic:
+            raise ValueError(f"{type(self).__name__} needs a deterministic solver; {self.solver!r} adds noise and "
+                             "its ODE cannot be run backwards. Use e.g. solver='ddim' (eta=0) or 'dpmsolver++', or "
+                             "dpmsolve.invert(..., noise_map=True) to recover a stochastic sampler's noises.")
+        super().set_timesteps(num_inference_steps, device, mu=mu)
+
+    def _set_grid(self, ts: np.ndarray, device, denoise_to_zero: bool = False):
+        super()._set_grid(inversion_grid(self.schedule, ts), device, denoise_to_zero)
