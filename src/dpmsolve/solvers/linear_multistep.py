@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from abc import abstractmethod
 from typing import ClassVar
 
 import numpy as np
@@ -123,8 +124,9 @@ class _EpsMultistep(FixedGridSolver):
     _p: int = 1
     lower_order_final: bool = False
 
+    @abstractmethod
     def _coefficients(self, schedule: Schedule, grid, i: int, points) -> tuple[float, tuple[float, ...]]:
-        raise NotImplementedError
+        """(a, coeffs) of step i through the eps at ``points`` (newest first): the method's weights."""
 
     def _counts(self, steps: int) -> list[int]:
         """How many predictions each step combines: the lower-order warm-up while history builds up."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..schedules import Schedule
 from ._exponential import Node
 from .base import grid_nodes, stages_from
-from .linear_multistep import _EpsMultistep, _is_zero, _transfer, adams_bashforth
+from .linear_multistep import _EpsMultistep, _is_zero, _transfer, adams_bashforth, fixed_adams
 
 
 class _Pseudo(_EpsMultistep):
@@ -21,6 +21,9 @@ class _Pseudo(_EpsMultistep):
     def _warmup(self, i: int, steps: int, t: Node) -> str | None:
         """'rk4', 'heun' or None (a PLMS step) for step i of ``steps`` towards t."""
         return None
+
+    def _coefficients(self, schedule, grid, i, points):  # the PLMS steps: equal-step Adams-Bashforth on eps
+        return fixed_adams(schedule, grid, i, points)
 
     def plan(self, schedule: Schedule, ts):
         grid = grid_nodes(schedule, ts)
