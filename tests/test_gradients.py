@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dpmsolve as dp
+from counting import Counting
 from dpmsolve.inversion import BDIA, EDICT
 from dpmsolve.lab import GaussianMixture
 
@@ -169,13 +170,6 @@ def test_memory_of_50_steps_is_within_1_5x_of_5_steps():
     assert p50 < 1.5 * p5, (p5, p50)
 
 
-class Counting(dp.Denoiser):
-    def __init__(self, inner):
-        self.inner, self.schedule, self.calls = inner, inner.schedule, 0
-
-    def __call__(self, x, t, **kw):
-        self.calls += 1
-        return self.inner(x, t, **kw)
 
 
 @pytest.mark.parametrize("checkpoint", [False, True], ids=["adjoint", "checkpoint"])

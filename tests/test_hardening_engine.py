@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import dpmsolve as dp
+from counting import Counting
 from dpmsolve.lab import GaussianData
 
 
@@ -32,13 +33,6 @@ def setup():
     return gaussian, schedule, gaussian.denoiser(schedule), x
 
 
-class Counting(dp.Denoiser):
-    def __init__(self, inner):
-        self.inner, self.schedule, self.calls = inner, inner.schedule, 0
-
-    def __call__(self, x, t, **kw):
-        self.calls += 1
-        return self.inner(x, t, **kw)
 
 
 class SameBuffer(dp.Denoiser):

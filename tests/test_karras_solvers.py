@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dpmsolve as dp
+from counting import Counting
 from dpmsolve.lab import GaussianData
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -27,13 +28,6 @@ def _data() -> GaussianData:
     return GaussianData([0.5, -0.3, 0.1, 0.8], [0.09, 0.5, 1.3, 0.02])
 
 
-class Counting(dp.Denoiser):
-    def __init__(self, inner):
-        self.inner, self.schedule, self.calls = inner, inner.schedule, 0
-
-    def __call__(self, x, t, **kw):
-        self.calls += 1
-        return self.inner(x, t, **kw)
 
 
 @pytest.mark.parametrize("to_zero", [True, False])

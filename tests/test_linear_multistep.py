@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import dpmsolve as dp
+from counting import Counting
 from dpmsolve.lab import GaussianData
 
 NEW = ("deis", "pndm", "plms", "ipndm", "ipndm_v", "lms", "res-multistep", "gradient-estimation")
@@ -46,13 +47,6 @@ def _k_diffusion():
         pytest.skip(f"k-diffusion is not installed ({exc}); scripts/setup.sh installs it with --no-deps")
 
 
-class Counting(dp.Denoiser):
-    def __init__(self, inner):
-        self.inner, self.schedule, self.calls = inner, inner.schedule, 0
-
-    def __call__(self, x, t, **kw):
-        self.calls += 1
-        return self.inner(x, t, **kw)
 
 
 def _start(schedule, n=6, seed=3, t=None):

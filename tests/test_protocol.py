@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import dpmsolve as dp
+from counting import Counting
 from dpmsolve.lab import GaussianData, GaussianMixture
 
 # (registry name, options): the configurations the brief asks for, per registry name.
@@ -79,15 +80,6 @@ STOCHASTIC += [(name, {}) for name in ("euler-ancestral", "dpm2-ancestral", "dpm
                                         "dpmpp-2m-sde", "dpmpp-3m-sde", "er-sde")]
 
 
-class Counting(dp.Denoiser):
-    """Counts the real model calls that reach the wrapped denoiser."""
-
-    def __init__(self, inner: dp.Denoiser):
-        self.inner, self.schedule, self.calls = inner, inner.schedule, 0
-
-    def __call__(self, x, t, **model_kwargs):
-        self.calls += 1
-        return self.inner(x, t, **model_kwargs)
 
 
 def problem():
