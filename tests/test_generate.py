@@ -9,6 +9,7 @@ multi-process launches).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -75,6 +76,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """This process with one intra-op thread, as each torchrun worker here (OMP_NUM_THREADS=1): a CPU matmul's
+    reduction order, and so its last bits, depends on the number of threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _torchrun(args, tmp_path, timeout=180, **env):
@@ -245,7 +258,8 @@ def test_torchrun_two_processes_give_the_same_bytes(tmp_path):
                         "--no-progress"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Wrote 13 of 13 images") == 1 and "on 2 processes" in result.stdout
-    dp.generate("digits", "0-12", tmp_path / "one", solver="sde-dpmsolver++", batch=13, **TINY)
+    with _one_thread():
+        dp.generate("digits", "0-12", tmp_path / "one", solver="sde-dpmsolver++", batch=13, **TINY)
     assert _pngs(tmp_path / "two") == _pngs(tmp_path / "one") and len(_pngs(tmp_path / "one")) == 13
 
 
@@ -278,7 +292,8 @@ def test_torchrun_npz_ems_group_and_a_failing_rank(tmp_path, net_file):
     (tmp_path / "script.py").write_text(SCRIPT)
     result = _torchrun(["script.py", net_file], tmp_path, GEN_TEST_DIE="1:3:raise")
     assert result.returncode == 0, result.stderr[-3000:]
-    dp.generate("digits", "0-10", tmp_path / "ref", solver="dpmsolver++", batch=11, fmt="npz", **TINY)
+    with _one_thread():
+        dp.generate("digits", "0-10", tmp_path / "ref", solver="dpmsolver++", batch=11, fmt="npz", **TINY)
     two, one = _samples(tmp_path / "npz"), _samples(tmp_path / "ref")
     assert sorted(two) == list(range(11)) and all(np.array_equal(two[s], one[s]) for s in one)
     assert len(list((tmp_path / "npz").glob("shard-*.npz"))) == 6            # batches of 2 over 2 ranks
