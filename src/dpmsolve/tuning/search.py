@@ -322,7 +322,7 @@ def fit_scales(plan: Plan, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tenso
                x_check: torch.Tensor, ref_check: torch.Tensor, denoiser_check: Denoiser, iterations: int = 40,
                lr: float = 0.02, shard: _Shard | None = None) -> tuple[Plan, dict]:
     """Fit multipliers of the plan's update coefficients (Adam on the mean log per-sample error, through the
-    model), kept only if the check noises' objective drops too. Returns (plan, what happened)."""
+    model; the best iterate), kept only if the check noises' objective drops too. Returns (plan, what happened)."""
     base = dataclasses.replace(plan, steps=tuple(dataclasses.replace(s, scale=(), corrector_scale=())
                                                   for s in plan.steps))
     _, stages = base.solver().plan(denoiser.schedule, np.asarray(base.ts))
@@ -344,6 +344,7 @@ def fit_scales(plan: Plan, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tenso
     work = torch.promote_types(x.dtype, torch.float32)
     x, ref = x.to(work), ref.to(torch.float64)
     optimiser = torch.optim.Adam(list(thetas.values()), lr=lr)
+    best = (math.inf, [t.detach().clone() for t in thetas.values()])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, iterations)
     for _ in range(iterations):
         optimiser.zero_grad()
@@ -355,14 +356,20 @@ def fit_scales(plan: Plan, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tenso
                 return base, {**info, "kept": False, "why": "the model's output is not differentiable in its input"}
             info["evaluations"] += base.nfe
             loss = torch.log(plan_errors(out, ref) + floor).sum() / n_fit     # this rank's part of the mean
-            if not bool(shard.gather(torch.isfinite(loss).reshape(1)).all()):
+            total = float(shard.gather(loss.detach().reshape(1)).sum())
+            if not math.isfinite(total):
                 break
+            if total < best[0]:              # the best iterate, not the last: a diverging fit keeps its best point
+                best = (total, [t.detach().clone() for t in thetas.values()])
             loss.backward()
         shard.sum_gradients(thetas.values())
         info["backward_passes"] += 1
         info["iterations"] += 1
         optimiser.step()
         schedule.step()
+    with torch.no_grad():
+        for theta, value in zip(thetas.values(), best[1]):
+            theta.copy_(value)
     fitted = _with_scales(base, thetas)
     after = _objective(check.errors(fitted), floor)
     info.update(check_after=after, evaluations=info["evaluations"] + check.evaluations)
