@@ -20,7 +20,7 @@ import torch
 from ._checks import check_number
 from .model import Denoiser, Prediction, _Wrapper
 from .schedules import Schedule
-from .solvers.base import Solver, State
+from .solvers.base import SolverWrapper, State
 from .solvers.dpm_solver import DDIM
 
 __all__ = ["TimeShift", "TimeShiftState", "PerSampleTime"]
@@ -39,7 +39,7 @@ class TimeShiftState:
     schedule: Schedule
 
 
-class TimeShift(Solver):
+class TimeShift(SolverWrapper):
     """TS-DDIM (Li et al. 2024): DDIM whose model evaluations happen at a per-sample *shifted* time.
 
     Exposure bias: a sample produced by a few inaccurate steps does not carry the noise level of its grid time t.
@@ -111,15 +111,6 @@ class TimeShift(Solver):
             after = replace(after, x=x_new, x_eval=x_new)
         t_eval = None if self.base.done(after) else self._shifted(state.schedule, after)
         return TimeShiftState(after, t_eval, state.schedule)
-
-    def done(self, state: TimeShiftState) -> bool:
-        return self.base.done(state.base)
-
-    def step_completed(self, before: TimeShiftState, after: TimeShiftState) -> bool:
-        return self.base.step_completed(before.base, after.base)
-
-    def current(self, state: TimeShiftState):
-        return self.base.current(state.base)
 
     def __repr__(self) -> str:
         return f"TimeShift(window={self.window:g}, cutoff={self.cutoff:g})"

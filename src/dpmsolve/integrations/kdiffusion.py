@@ -379,6 +379,17 @@ for _name in SAMPLERS:   # sample_ddim, sample_dpmpp_2m, ..., sample_euler_ances
 del _name
 
 
+def _sigma_range(name: str, sigma_min, sigma_max, eta) -> EDM:
+    """The EDM schedule from ``sigma_min`` to ``sigma_max`` of k-diffusion's range-signature samplers (eta = 0 only)."""
+    if eta:
+        raise ValueError(f"{name} supports eta = 0 only (k-diffusion's default; no SDE form of it here).")
+    sigma_min, sigma_max = float(sigma_min), float(sigma_max)
+    if not (0 < sigma_min < sigma_max < math.inf):
+        raise ValueError(f"{name} needs 0 < sigma_min < sigma_max (it integrates from sigma_max down to "
+                         f"sigma_min), got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}.")
+    return EDM(sigma_min=sigma_min, sigma_max=sigma_max)
+
+
 def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.0,
                     s_noise=1.0, noise_sampler=None, **options):
     """DPM-Solver-fast with ``n`` model evaluations from ``sigma_max`` to ``sigma_min`` (no jump to 0), with
@@ -387,15 +398,9 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     uniform in log-SNR and divided uniformly in log-SNR (dpmsolve ``'dpmsolver'`` with ``method='singlestep',
     order=3, split='fast'`` on the ``'logSNR'`` grid; ComfyUI's ``dpm_fast``). ``eta`` must be 0 (k-diffusion's
     default; no SDE form here). The callback dict has ``sigma`` = the noise level of each step's start."""
-    if eta:
-        raise ValueError("sample_dpm_fast supports eta = 0 only (k-diffusion's default; no DPM-Solver-fast SDE here).")
+    schedule = _sigma_range("sample_dpm_fast", sigma_min, sigma_max, eta)
     del s_noise, noise_sampler  # accepted for k-diffusion compatibility; unused at eta = 0
-    sigma_min, sigma_max = float(sigma_min), float(sigma_max)
-    if not (0 < sigma_min < sigma_max < math.inf):
-        raise ValueError(f"sample_dpm_fast needs 0 < sigma_min < sigma_max (it integrates from sigma_max down to "
-                         f"sigma_min), got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}.")
     solver_name, defaults = _PRESETS["dpm_fast"].solver, dict(_PRESETS["dpm_fast"].options)
-    schedule = EDM(sigma_min=sigma_min, sigma_max=sigma_max)
     solver = get_solver(solver_name, **{**defaults, **options})
     ts = solver.grid(schedule, n, "logSNR")
     return _sample_k(lambda grid: solver, {}, model, x, torch.as_tensor(ts), extra_args, callback, disable)
@@ -409,14 +414,8 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     ``predict='data'`` for DPM-Solver++). ``eta`` must be 0 (no adaptive SDE here) and k-diffusion's PID
     step-size options are not supported. ``return_info=True`` returns ``(x, {'nfe', 'n_accept', 'n_reject'})``.
     The callback dict has ``sigma`` = the noise level of each accepted step's start."""
-    if eta:
-        raise ValueError("sample_dpm_adaptive supports eta = 0 only (adaptive DPM-Solver has no SDE form here).")
+    schedule = _sigma_range("sample_dpm_adaptive", sigma_min, sigma_max, eta)
     del s_noise, noise_sampler  # accepted for k-diffusion compatibility; unused at eta = 0
-    sigma_min, sigma_max = float(sigma_min), float(sigma_max)
-    if not (0 < sigma_min < sigma_max < math.inf):
-        raise ValueError(f"sample_dpm_adaptive needs 0 < sigma_min < sigma_max (it integrates from sigma_max down to "
-                         f"sigma_min), got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}.")
-    schedule = EDM(sigma_min=sigma_min, sigma_max=sigma_max)
     options = {"method": "adaptive", "order": order, "rtol": rtol, "atol": atol, "h_init": h_init, **options}
     solver = get_solver("dpmsolver", **options)
     denoiser = wrap_model(_net(model), schedule, prediction="x0", time_input="continuous", input_dtype=x.dtype)

@@ -81,6 +81,22 @@ class Solver(ABC):
         return make_grid(schedule, steps, kind, t_start, t_end, **options)
 
 
+
+class SolverWrapper(Solver):
+    """A solver that runs another (``self.base``) and changes some of its steps; its states hold the base solver's
+    state as ``.base``, so completion, step bookkeeping and the current estimate are the base's."""
+
+    base: Solver
+
+    def done(self, state) -> bool:
+        return self.base.done(state.base)
+
+    def step_completed(self, before, after) -> bool:
+        return self.base.step_completed(before.base, after.base)
+
+    def current(self, state):
+        return self.base.current(state.base)
+
 class Correction(NamedTuple):
     """A corrector applied when the evaluation at grid index ``i`` arrives, before that index's step.
 

@@ -29,7 +29,7 @@ import torch
 from .._checks import check_number
 from ..model import Prediction
 from ..schedules import Schedule
-from .base import FixedGridSolver, Solver, State
+from .base import FixedGridSolver, Solver, SolverWrapper, State
 
 __all__ = ["HeavyBall", "MomentumState", "momentum"]
 
@@ -42,7 +42,7 @@ class MomentumState:
     velocity: torch.Tensor | None = None
 
 
-class HeavyBall(Solver):
+class HeavyBall(SolverWrapper):
     """Polyak heavy-ball momentum on the update direction of a deterministic fixed-grid solver (HB of
     Wizadwongsa et al. 2023).
 
@@ -115,15 +115,6 @@ class HeavyBall(Solver):
         velocity = torch.lerp(state.velocity, direction, self.beta)            # (1 - beta) v + beta d
         x_new = after.x + weight * (velocity - direction)                     # = a x + C v
         return MomentumState(replace(after, x=x_new, x_eval=x_new), velocity)
-
-    def done(self, state: MomentumState) -> bool:
-        return self.base.done(state.base)
-
-    def step_completed(self, before: MomentumState, after: MomentumState) -> bool:
-        return self.base.step_completed(before.base, after.base)
-
-    def current(self, state: MomentumState):
-        return self.base.current(state.base)
 
     def __repr__(self) -> str:
         return f"HeavyBall({self.base!r}, beta={self.beta:g})"
