@@ -118,7 +118,6 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     ({"rule": "midpoint"}, "rule"), ({"corrector": "v3"}, "corrector"), ({"compensation": float("nan")}, "finite"),
     ({"compensation": 0.2, "rule": "dpmsolver"}, "taylor"),
     ({"scale": (1.0, float("inf"))}, "finite"), ({"scale": "1"}, "list"), ({"corrector_scale": (1.0,)}, "corrector"),
-    ({"scale": (1.0, 1.0), "method": "singlestep"}, "Singlestep"),
 ])
 def test_bad_step_settings_are_refused(kwargs, match):
     with pytest.raises(PlanError, match=match):
@@ -150,6 +149,25 @@ def test_singlestep_blocks_reproduce_the_singlestep_solver(mixture, predict, nam
     expected = dp.sample(den, x_T, name, method="singlestep", orders=tuple(blocks), grid=ts, progress=False)
     got = dp.sample(den, x_T, plan, progress=False)
     assert torch.equal(expected.x, got.x) and got.nfe == expected.nfe == len(plan_steps)
+
+
+def test_singlestep_scales_belong_to_the_stage_that_ends_at_each_step(mixture):
+    # A DPM-Solver++ 2S block over (s, u, t): step 1's scale multiplies the block's final update
+    # x_t = a x_s + c_0 m_s + c_1 m_u, whose linear coefficient is a = sigma_t / sigma_s (data prediction);
+    # scaling only a by f moves the result by (f - 1) a x_s exactly, and leaves the intermediate stage alone.
+    den, x = mixture
+    ts = (0.8, 0.5, 0.2)
+    plain = Plan(ts, (PlanStep("data", 2, "dpmsolver", method="singlestep"),) * 2)
+    scaled = Plan(ts, (plain.steps[0], dataclasses.replace(plain.steps[1], scale=(1.25, 1.0, 1.0))))
+    a = SCHEDULE.sigma(0.2) / SCHEDULE.sigma(0.8)
+    out_plain, out_scaled = (dp.sample(den, x, p, progress=False).x for p in (plain, scaled))
+    torch.testing.assert_close(out_scaled - out_plain, 0.25 * float(a) * x, rtol=1e-10, atol=1e-12)
+    # the intermediate stage takes its own scale (a, c_0): a change there moves the evaluation at u
+    first = Plan(ts, (dataclasses.replace(plain.steps[0], scale=(1.0, 1.1)), plain.steps[1]))
+    assert not torch.allclose(dp.sample(den, x, first, progress=False).x, out_plain)
+    with pytest.raises(PlanError, match="Step 0's scale has 3 values"):
+        dp.sample(den, x, Plan(ts, (dataclasses.replace(plain.steps[0], scale=(1.0, 1.0, 1.0)), plain.steps[1])),
+                  progress=False)
 
 
 def test_coefficient_scales_multiply_the_update(mixture, tmp_path):

@@ -60,8 +60,9 @@ class PlanStep:
             Alg. 1-2; the intermediate points are Taylor steps, the block's last step uses ``rule``). No corrector
             or compensation on singlestep steps.
         scale: multipliers of the step's update coefficients ``(a, c_1, .., c_k)`` in
-            ``x' = a x + sum_j c_j m_j`` (k: the points the step interpolates); empty: all 1. Found by the tuner's
-            coefficient refinement; multistep steps only.
+            ``x' = a x + sum_j c_j m_j`` (k: the points the step interpolates; in a singlestep block, the step's
+            stage: the block's start and the points up to this step); empty: all 1. Found by the tuner's
+            coefficient fit.
         corrector_scale: the same for the step's corrector (k + 1 points); needs a corrector.
     """
 
@@ -100,8 +101,6 @@ class PlanStep:
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
                 raise PlanError(f"A plan step's {name} must hold finite numbers, got {list(value)!r}.")
             object.__setattr__(self, name, tuple(float(v) for v in value))
-        if self.scale and self.method == "singlestep":
-            raise PlanError("Singlestep steps take no coefficient scale.")
         if self.corrector_scale and self.corrector is None:
             raise PlanError("A plan step's corrector_scale needs a corrector.")
         if self.compensation and (self.rule != "taylor" or self.order < 2):
@@ -371,11 +370,12 @@ class PlanSolver(FixedGridSolver):
             coeffs = interpolation_coefficients(rhos - step.compensation, w)
         else:
             a, coeffs = step_coefficients(step.form, s, t, rhos, rule)
-        scale = step.corrector_scale if end in points else step.scale
+        owner = self.steps[end - 1]                  # the step whose stage (or corrector) ends at ``end``
+        scale = owner.corrector_scale if end in points else owner.scale
         if scale:
             if len(scale) != len(points) + 1:
                 kind = "corrector_scale" if end in points else "scale"
-                raise PlanError(f"Step {anchor}'s {kind} has {len(scale)} values, but its update has {len(points) + 1} "
+                raise PlanError(f"Step {end - 1}'s {kind} has {len(scale)} values, but its update has {len(points) + 1} "
                                 f"coefficients (a and {len(points)} point(s)); the plan's steps do not fit together.")
             a, coeffs = a * scale[0], [c * f for c, f in zip(coeffs, scale[1:])]
         return a, tuple(float(c) for c in coeffs), 0.0, None

@@ -278,8 +278,8 @@ def _step_search(runner: _Runner, plan: Plan, value: float, floor: float, budget
 
 # ------------------------------------------------------------------------------------------ fitted coefficients
 def _scalable(plan: Plan, i: int) -> bool:
-    """Whether step i's coefficients may be scaled: multistep steps, not the jump to sigma = 0."""
-    return plan.steps[i].method == "multistep" and not (plan.ts[-1] == 0.0 and i == len(plan.steps) - 1)
+    """Whether step i's coefficients may be scaled: every step but the jump to sigma = 0."""
+    return not (plan.ts[-1] == 0.0 and i == len(plan.steps) - 1)
 
 
 def _scaled_run(plan: Plan, denoiser: Denoiser, x: torch.Tensor, thetas: dict) -> torch.Tensor:
