@@ -158,7 +158,7 @@ def measure_cell(denoiser, x_T: torch.Tensor, ref: torch.Tensor, threshold: floa
 def _plan_record(plan: dp.Plan, source: str, wall_s: float | None = None) -> dict:
     info = plan.info or {}
     cost = info.get("cost", {})
-    return {"source": source, "wall_s": wall_s, "plan": plan.to_dict(),
+    return {"source": source, "wall_s": wall_s, "code": CODE, "plan": plan.to_dict(),
             "steps": " ".join(s.short() for s in plan.steps),
             "cost": cost, "held_out": info.get("held_out"), "tune": info.get("tune"),
             "candidate": info.get("candidate")}
@@ -306,8 +306,10 @@ def markdown(data: dict) -> str:
         else:
             ref = "exact (DOP853 on the exact denoiser)"
             tuning = f"{e.get('tune_samples')} of seed {e.get('tune_seed')}, a quarter held out"
+        plan_codes = sorted({r.get("code") for r in e.get("plans", {}).values() if r.get("code")} - {e.get("code")})
+        code = e.get("code", "?") + (f" (plans re-measured at {', '.join(plan_codes)})" if plan_codes else "")
         lines.append(f"| {e.get('label', name)} | {e.get('samples')} of seed {e.get('eval_seed')} | {tuning} | {ref} | "
-                     f"{_f(e['threshold'])} | {e.get('code', '?')} |")
+                     f"{_f(e['threshold'])} | {code} |")
     lines += ["", "Peer NFE in parentheses where a peer used fewer evaluations than the budget (Heun / DPM-2 at "
               "some budgets).", "", "## Tuning cost", "",
               "| problem | NFE | plan | model evaluations (batched calls) | of which references | batch | seconds | "
@@ -542,11 +544,11 @@ def _done(name: str, endpoint: str, nfe: int, cell: dict, t_tune: float, t_eval:
         f"(peer {cell['best_peer']}); bar {'met' if cell['bar']['all'] else 'FAILED'}")
 
 
-def refresh(out: Path, endpoint: str, name: str, reference: str, what: str) -> None:
+def refresh(out: Path, endpoint: str, name: str, reference: str, what: str, nfes=None) -> None:
     """Measure the default plan (``what="default"``, after a change of the default) or the tuned plan
     (``"tuned"``: tuned again for analytic problems, the shipped or ``tune_model`` plan for zoo models, after a
     change of the tuner) again in every stored cell of ``name``, against the cell's best peer run again on the
-    same noises for the paired ratios; the rest of the cell (every other peer) is kept."""
+    same noises for the paired ratios; the rest of the cell (every other peer) is kept. ``nfes``: only these cells."""
     from dpmsolve.lab.peers import run_peer
 
     data = load(out, endpoint)
@@ -564,7 +566,8 @@ def refresh(out: Path, endpoint: str, name: str, reference: str, what: str) -> N
         evaluation = zoo_problem(name, n=meta["samples"], seed=EVAL_SEED, guidance=ZOO[name])
         ref = zoo_reference(evaluation, endpoint, reference)
     threshold = meta["threshold"]
-    cells = sorted(entry["cells"].items(), key=lambda kv: int(kv[0]))
+    cells = sorted(((k, c) for k, c in entry["cells"].items() if nfes is None or int(k) in nfes),
+                   key=lambda kv: int(kv[0]))
     zoo_plans = {}
     if what == "tuned" and meta["kind"] == "zoo":
         zoo_plans = _zoo_plans(name, endpoint, [int(k) for k, _ in cells])
@@ -634,7 +637,8 @@ def main() -> None:
     parser.add_argument("--problems", nargs="+", default=list(ANALYTIC), choices=list(ORDER), metavar="NAME",
                         help=f"analytic ({', '.join(ANALYTIC)}) and zoo ({', '.join(ZOO)}) problems; "
                              "default: the analytic ones")
-    parser.add_argument("--nfes", nargs="+", type=int, default=list(LAB_NFES))
+    parser.add_argument("--nfes", nargs="+", type=int, default=list(LAB_NFES),
+                        help="step budgets to run (with --refresh-*: the stored cells to refresh)")
     parser.add_argument("--endpoint", choices=["zero", "t_min", "both"], default=None,
                         help="default: both for analytic problems, zero for zoo models")
     parser.add_argument("--samples", type=int, default=512, help="evaluation noises per analytic problem")
@@ -674,7 +678,7 @@ def main() -> None:
             t0 = time.perf_counter()
             if args.refresh_default or args.refresh_tuned:
                 for what in ("default",) * args.refresh_default + ("tuned",) * args.refresh_tuned:
-                    refresh(out, endpoint, name, args.zoo_reference, what)
+                    refresh(out, endpoint, name, args.zoo_reference, what, set(args.nfes))
             elif zoo_model:
                 run_zoo(name, endpoint, args.nfes, args.zoo_samples or ZOO_SAMPLES[name], peers, out,
                         args.zoo_reference, args.resume)
