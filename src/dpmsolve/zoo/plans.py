@@ -29,7 +29,6 @@ __all__ = ["SHIPPED_NFES", "GUIDANCE", "SAMPLES", "plan", "plan_path", "tune_mod
 SHIPPED_NFES = (5, 6, 8, 10)
 GUIDANCE = {"digits": 3.0, "digits-flow": 3.0, "patches": None}       # the scale each model's plans are for
 SAMPLES = {"digits": 128, "digits-flow": 128, "patches": 64}          # tuning noises (a quarter held out)
-BUDGET = {"digits": 150, "digits-flow": 150, "patches": 60}          # search calls per NFE (patches: 6x slower)
 NOISE_SEED = 12345                                                    # not the lab's seeds
 
 
@@ -68,8 +67,7 @@ def tune_model(name: str, nfes=SHIPPED_NFES, guidance: float | None = None, samp
     guidance = (GUIDANCE[name] if guidance is None else guidance) if model.num_classes else None
     n = SAMPLES[name] if samples is None else int(samples)
     noise = torch.randn((n, *model.shape), generator=torch.Generator().manual_seed(seed))
-    return tune(_denoiser_for(model, guidance, n), noise, list(nfes), progress=progress,
-                **{"budget_per_nfe": BUDGET[name], **options})
+    return tune(_denoiser_for(model, guidance, n), noise, list(nfes), progress=progress, **options)
 
 
 def main(argv=None) -> None:
