@@ -4,6 +4,7 @@
     python benchmarks/v3.py --problems mixture     # one problem
     python benchmarks/v3.py --k-curve              # only: v3 error against K (EMS data points) and EMS time
     python benchmarks/v3.py --sharing              # only: statistics shared across positions vs per element
+    python benchmarks/v3.py --lab-metrics          # only: v3 against the best peer in the lab's per-sample metrics
 
 For each analytic problem the EMS are computed here (wall time reported); the zoo models use the statistics
 shipped with dpmsolve (``dpmsolve.zoo.statistics``, their recorded wall time). Then every configuration samples the same
@@ -12,7 +13,9 @@ against the reference (exact DOP853 for the analytic problems, the lab's cached 
 zoo model) is tabulated. "ratio" = v3 with the settings recommended for the problem's guidance
 (``DPMSolverV3.recommended``) / best of our DPM-Solver++ and UniPC configurations at that NFE; the issue's bar
 is <= 0.8. Writes benchmarks/results/v3.md, v3.json, v3.png
-(the studies: v3_k_curve.* and v3_sharing.*).
+(the studies: v3_k_curve.*, v3_sharing.* and v3_lab.*: the same v3 against our configurations and the lab's 32
+diffusers / k-diffusion peers by median per-sample error, far share and RMSE, with bootstrap intervals, over 512
+start noises, 128 for patches).
 """
 
 from __future__ import annotations
@@ -248,6 +251,98 @@ def plot(results, curves, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def lab_metrics(name: str, n: int, seed: int = 0) -> dict:
+    """v3 (recommended settings, uniform logSNR to t_min) against the best of our DPM-Solver++ / UniPC
+    configurations and the best lab peer, each by median per-sample error, with paired bootstrap ratios."""
+    from dpmsolve.lab.metrics import cell_stats, far_threshold, per_sample_errors, ratio_ci
+    from dpmsolve.lab.peers import available_peers, run_peer
+
+    problem, spec = PROBLEMS[name](n, seed)
+    if name in ANALYTIC:
+        ems, _ = compute_ems(problem, spec, EMS_SIZE["k"], EMS_SIZE["n_lambdas"])
+        ref = problem.reference("t_min")
+    else:
+        from dpmsolve import zoo
+        from tuning import zoo_reference   # the tuning benchmark's cached 400-step DPM-Solver++ 3M reference
+
+        model = zoo.load(name)
+        ems = zoo.statistics(name, 3.0 if model.num_classes else None)
+        ref = zoo_reference(problem, "t_min", "3m400")
+    threshold = far_threshold(ref)
+    x_T = problem.x_T if problem.x0_fn is not None else problem.x_T.float()
+    peers = available_peers()
+    cells = []
+    for nfe in NFES:
+        errors, stats = {}, {}
+
+        def record(label, x):
+            errors[label] = per_sample_errors(x, ref).numpy()
+            stats[label] = cell_stats(x, ref, threshold=threshold, seed=0).to_dict()
+
+        with torch.no_grad():
+            record("v3", dp.sample(problem.denoiser, x_T, "dpmsolver-v3", steps=nfe, grid="logSNR", ems=ems,
+                                   progress=False, **dp.DPMSolverV3.recommended(GUIDANCE[name])).x)
+            for label, (solver, options) in BASELINES.items():
+                record(label, dp.sample(problem.denoiser, x_T, solver, steps=nfe, grid="logSNR", progress=False,
+                                        **options).x)
+        for peer in peers:
+            res = run_peer(peer, problem.denoiser, x_T, nfe, "t_min")
+            if res.x is not None:
+                record(peer, res.x)
+        ours = min(BASELINES, key=lambda k: stats[k]["median"])
+        best_peer = min((p for p in peers if p in stats), key=lambda k: stats[k]["median"])
+        cells.append({"nfe": nfe, "stats": stats, "best_ours": ours, "best_peer": best_peer,
+                      **{f"v3_over_{who}_{stat}": list(ratio_ci(errors["v3"], errors[other], stat=stat, seed=0))
+                         for who, other in (("ours", ours), ("peer", best_peer)) for stat in ("median", "rmse")}})
+    return {"problem": name, "n": n, "threshold": threshold, "recommended": dp.DPMSolverV3.recommended(GUIDANCE[name]),
+            "cells": cells}
+
+
+def lab_markdown(results) -> str:
+    def stat(s):
+        return f"{s['median']:.3g} [{s['median_ci'][0]:.3g}, {s['median_ci'][1]:.3g}] / {100 * s['far']:.1f}% / {s['rmse']:.3g}"
+
+    def ratio(r):
+        return f"{r[0]:.2f} [{r[1]:.2f}, {r[2]:.2f}]"
+
+    lines = ["# DPM-Solver-v3 in the lab's per-sample metrics (uniform logSNR grid to t_min)", "",
+             "Per cell: median per-sample error [95% bootstrap interval] / % of samples far from the reference / RMSE. "
+             "v3: `DPMSolverV3.recommended(guidance)`. Ours: the best (by median) of DPM-Solver++ 2M / 3M and UniPC "
+             "bh1 / bh2 on the same grid. Peer: the best (by median) of the lab's diffusers / k-diffusion "
+             "configurations, each on its own grid to t_min. Ratios: paired bootstrap (an interval containing 1 is a "
+             "tie). References: exact (analytic), 400-step DPM-Solver++ 3M (networks).", "",
+             "| problem | NFE | n | v3 | best ours | | best peer | | v3 / ours (median) | v3 / peer (median) | "
+             "v3 / peer (RMSE) |", "|---|---:|---:|---|---|---|---|---|---:|---:|---:|"]
+    for r in results:
+        for c in r["cells"]:
+            st = c["stats"]
+            lines.append(f"| {r['problem']} | {c['nfe']} | {r['n']} | {stat(st['v3'])} | {c['best_ours']} | "
+                         f"{stat(st[c['best_ours']])} | `{c['best_peer']}` | {stat(st[c['best_peer']])} | "
+                         f"{ratio(c['v3_over_ours_median'])} | {ratio(c['v3_over_peer_median'])} | "
+                         f"{ratio(c['v3_over_peer_rmse'])} |")
+    return "\n".join(lines)
+
+
+def lab_plot(results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for key, ax, title in (("ours", axes[0], "v3 / best of ours"), ("peer", axes[1], "v3 / best peer")):
+        for r in results:
+            ratios = np.array([c[f"v3_over_{key}_median"] for c in r["cells"]])
+            ax.errorbar(NFES, ratios[:, 0], yerr=[ratios[:, 0] - ratios[:, 1], ratios[:, 2] - ratios[:, 0]],
+                        marker="o", capsize=2, label=r["problem"])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(yscale="log", title=f"median error, {title}", xlabel="NFE")
+        ax.set_xticks(NFES, [str(k) for k in NFES])
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", nargs="*", choices=sorted(PROBLEMS),
@@ -256,6 +351,9 @@ def main() -> None:
     parser.add_argument("--k-curve", action="store_true", help="only the study of v3's error against K")
     parser.add_argument("--sharing", nargs="*", choices=sorted(set(PROBLEMS) - set(ANALYTIC)), default=None,
                         help="only the study of shared vs per-element statistics (default models: all zoo models)")
+    parser.add_argument("--lab-metrics", action="store_true",
+                        help="only v3 against the best of ours and the best peer in the lab's metrics (512 noises, "
+                             "patches 128)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
@@ -267,6 +365,17 @@ def main() -> None:
         text = sharing_markdown(studies)
         (out / "v3_sharing.md").write_text(text + "\n")
         (out / "v3_sharing.json").write_text(json.dumps(studies, indent=1, default=str))
+        print(text)
+        return
+    if args.lab_metrics:
+        results = []
+        for name in args.problems:
+            results.append(lab_metrics(name, 128 if name == "patches" else 512))
+            print(name, [round(c["v3_over_peer_median"][0], 2) for c in results[-1]["cells"]], flush=True)
+        text = lab_markdown(results)
+        (out / "v3_lab.md").write_text(text + "\n")
+        (out / "v3_lab.json").write_text(json.dumps({"results": results}, indent=1, default=str))
+        lab_plot(results, out / "v3_lab.png")
         print(text)
         return
     if args.k_curve:
