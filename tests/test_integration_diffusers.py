@@ -504,6 +504,23 @@ def test_plan_hand_loop_equals_native_sample(tmp_path, kind, prediction):
     assert torch.equal(hand_loop(s, x.clone()), ours)
 
 
+
+def test_plan_with_v3_steps_takes_the_schedulers_statistics(tmp_path):
+    """EMS steps (DPM-Solver-v3) in a plan file: the scheduler gives them solver_options['ems']."""
+    schedule = DPMSolveScheduler(**SD).schedule
+    ts = dp.make_grid(schedule, 6, "logSNR", t_end=0.0)
+    steps = [dp.PlanStep("ems", 2, "taylor", "v3" if 0 < i < 5 else None) for i in range(6)]
+    plan = dp.Plan(tuple(ts), tuple(steps), schedule=schedule.fingerprint(), data_shape=SHAPE[1:])
+    path = str(plan.save(tmp_path / "v3.plan.json"))
+    s = DPMSolveScheduler(**SD, plan=path, solver="dpmsolver-v3", solver_options={"ems": "degenerate"})
+    s.set_timesteps(plan.nfe)
+    x = start_noise()
+    den = dp.wrap_model(toy_net, s.schedule, "epsilon", time_input="discrete")
+    expected = dp.sample(den, x.clone(), plan, ems="degenerate", progress=False).x
+    assert (hand_loop(s, x.clone()) - expected).abs().max().item() <= 1e-12
+    with pytest.raises(dp.ems.EMSError, match="pass the model's statistics"):
+        DPMSolveScheduler(**SD, plan=path)
+
 def test_plan_in_a_flow_scheduler(tmp_path):
     s = DPMSolveScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
     plan, path = _plan_file(tmp_path, "to_zero", schedule=s.schedule)

@@ -191,3 +191,46 @@ def test_coefficient_scales_multiply_the_update(mixture, tmp_path):
     wrong = Plan(plain.ts, (dataclasses.replace(plain.steps[0], scale=(1.0, 1.0, 1.0)),) + plain.steps[1:])
     with pytest.raises(PlanError, match="scale has 3 values"):
         dp.sample(den, x, wrong, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mixture_ems(mixture):
+    den, _ = mixture
+    problem = GaussianMixture.random(k=6, dim=4, seed=3)
+    return dp.ems.compute(den, data=problem.data_sample(512, torch.Generator().manual_seed(1)), n_lambdas=50,
+                          progress=False)
+
+
+@pytest.mark.parametrize("order, rule, t_end", [(2, "taylor", None), (3, "pseudo", None), (2, "taylor", 0.0)])
+def test_ems_plan_reproduces_dpmsolver_v3(mixture, mixture_ems, order, rule, t_end):
+    # EMS steps with the v3 corrector on the steps the reference corrects (not the first: its predictor has one point)
+    den, x_T = mixture
+    ts = dp.make_grid(SCHEDULE, 6, "logSNR", t_end=t_end)
+    expected = dp.sample(den, x_T, "dpmsolver-v3", ems=mixture_ems, order=order, predictor_pseudo=rule == "pseudo",
+                         grid=ts, progress=False)
+    n = len(ts) - 1
+    plan = Plan(tuple(ts), tuple(PlanStep("ems", order, rule, "v3" if 0 < i < n - 1 else None) for i in range(n)))
+    got = dp.sample(den, x_T, plan, ems=mixture_ems, progress=False)
+    assert torch.equal(got.x, expected.x) and got.nfe == expected.nfe == n
+    with pytest.raises(dp.ems.EMSError, match="pass the model's statistics"):
+        dp.sample(den, x_T, plan, progress=False)
+
+
+@pytest.mark.parametrize("kwargs", [dict(rule="bh2"), dict(corrector="unic-bh2"), dict(method="singlestep"),
+                                    dict(rule="taylor", compensation=0.25)])
+def test_ems_steps_take_only_v3_settings(kwargs):
+    with pytest.raises(PlanError, match="An EMS step"):
+        PlanStep("ems", 2, **{"rule": "taylor", **kwargs})
+    with pytest.raises(PlanError, match="'v3' on EMS steps"):
+        PlanStep("data", 2, "taylor", "v3")
+
+
+def test_tuning_with_statistics_searches_v3_steps(mixture, mixture_ems):
+    den, x_T = mixture
+    noise = torch.randn((32, 4), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    plan = dp.tune(den, noise, 4, ems=mixture_ems, families=(), budget=40, reference_rtol=1e-7, fit_iterations=3)
+    assert plan.uses_ems and plan.nfe == 4 and "needs the model's EMS" in plan.report()
+    # the v3 family on a standard grid is where the search started: the held-out noises are no worse after it
+    assert plan.info["held_out"]["median"] <= plan.info["held_out"]["start_median"] * 1.0001
+    out = dp.sample(den, x_T, plan, ems=mixture_ems, progress=False)
+    assert out.nfe == 4 and torch.isfinite(out.x).all()

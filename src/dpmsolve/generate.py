@@ -784,7 +784,16 @@ def generate(model, seeds, out, *, solver: str = "dpmsolver++", order: int | Non
             if plan is not None:
                 plan = plan if isinstance(plan, Plan) else Plan.load(plan)
                 plan.check(spec.schedule, spec.shape, spec.identity or None)
-                base, ts, to_zero = plan.solver(), np.asarray(plan.ts), plan.denoise_to_zero
+                ems = None
+                if plan.uses_ems:           # v3 steps: the statistics shipped with a zoo model
+                    if spec.zoo_name is None:
+                        raise ValueError("This plan has DPM-Solver-v3 steps, which need the model's statistics; "
+                                         "generate has them for the shipped models only: sample with dp.sample(..., "
+                                         "ems=...) instead.")
+                    from . import zoo
+
+                    ems = zoo.statistics(spec.zoo_name, spec.guidance)
+                base, ts, to_zero = plan.solver(ems), np.asarray(plan.ts), plan.denoise_to_zero
                 method = {"plan": {**plan.to_dict(), "info": {}}}
                 grid_args = {"grid": ts, "denoise_to_zero": to_zero}
             else:

@@ -120,13 +120,15 @@ def _resolve_plan(plan: Plan, denoiser: Denoiser, x, solver_options, **given):
     """(solver, times, denoise_to_zero) of a plan, refusing options that would change it."""
     defaults = {"steps": None, "grid": None, "t_start": None, "t_end": None, "grid_options": None,
                 "denoise_to_zero": False}
+    solver_options = dict(solver_options)
+    ems = solver_options.pop("ems", None)        # the statistics of a plan's DPM-Solver-v3 steps
     changed = sorted(k for k, v in given.items() if v is not defaults[k] and v != defaults[k]) + sorted(solver_options)
     if changed:
         raise ValueError(f"A plan holds its own times and step settings; {', '.join(changed)} cannot be given with "
                          "it. Tune a plan for other settings (dpmsolve.tune), or pass a solver name instead.")
     if isinstance(x, torch.Tensor) and x.dim() >= 1:
         plan.check(denoiser.schedule, tuple(x.shape[1:]))
-    return plan.solver(), np.asarray(plan.ts, dtype=np.float64), plan.denoise_to_zero
+    return plan.solver(ems), np.asarray(plan.ts, dtype=np.float64), plan.denoise_to_zero
 
 
 def _check_entry(denoiser, x, x_name: str, steps, grid_options, model_kwargs) -> None:

@@ -381,7 +381,8 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             ``grid_options`` and ``final_sigma`` (which stay in the config, unused): ``set_timesteps`` takes no
             count but the plan's (``plan.nfe``), and a run equals ``dpmsolve.sample(denoiser, x_T, plan)``. The
             loaded plan is ``scheduler.plan`` (None without one). A relative path is read from the working
-            directory, also by ``from_pretrained``.
+            directory, also by ``from_pretrained``. A plan with DPM-Solver-v3 steps takes the statistics from
+            ``solver_options["ems"]`` (with ``solver="dpmsolver-v3"``).
         variance_type: diffusers' name; ``'learned'`` / ``'learned_range'``: the model output has twice the
             sample's channels and ``step`` keeps the first half (the prediction), as diffusers' DPM-Solver does.
         thresholding: diffusers' dynamic thresholding of the x0 prediction
@@ -510,7 +511,7 @@ class DPMSolveScheduler(SchedulerMixin, ConfigMixin):
             self._denoiser = ClipX0(self._output, -float(clip_sample_range), float(clip_sample_range))
         self.plan = self._load_plan(plan) if plan is not None else None
         if self.plan is not None:
-            self.solver = self.plan.solver()
+            self.solver = self.plan.solver(solver_options.get("ems") if self.plan.uses_ems else None)
         self._grid_kind, self._grid_options = self._default_grid(flow_shift)
         if grid is not None:
             self._grid_kind = grid

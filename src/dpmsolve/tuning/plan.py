@@ -1,7 +1,8 @@
 """Sampling plans: a tuned solver as data (a grid of times plus per-step settings), run by the fixed-grid engine.
 
 A :class:`Plan` holds ``steps + 1`` times and, for each step, the settings the exponential-integrator engine
-already understands: which prediction it integrates (data x0: DPM-Solver++; noise eps: DPM-Solver), whether it
+already understands: which prediction it integrates (data x0: DPM-Solver++; noise eps: DPM-Solver; the model's
+EMS parametrisation: DPM-Solver-v3, with the model's statistics given at sampling), whether it
 is a multistep step or part of a singlestep block, its order (how many evaluations it interpolates), the
 weighting rule of the derivative
 terms, an optional UniC corrector (Zhao et al. 2023) of the step's result, and a DC-Solver-style compensation
@@ -33,7 +34,8 @@ from ..solvers.dpm_solver import CORRECTORS
 __all__ = ["Plan", "PlanStep", "PlanSolver", "PlanError", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 2  # 2: PlanStep.scale / corrector_scale
-PREDICTS = ("data", "noise")
+PREDICTS = ("data", "noise", "ems")
+EMS_RULES = ("taylor", "pseudo")          # how an EMS step estimates the derivatives of g (DPM-Solver-v3)
 
 
 class PlanError(ValueError):
@@ -45,13 +47,16 @@ class PlanStep:
     """The settings of one step of a plan.
 
     Attributes:
-        predict: ``"data"`` (integrate the x0 prediction, DPM-Solver++) or ``"noise"`` (eps, DPM-Solver).
+        predict: ``"data"`` (integrate the x0 prediction, DPM-Solver++), ``"noise"`` (eps, DPM-Solver) or ``"ems"``
+            (the model's EMS parametrisation, DPM-Solver-v3, Zheng et al. 2023: the plan runs with ``ems=`` the
+            model's statistics; rule ``"taylor"`` or ``"pseudo"``, corrector None or ``"v3"``, multistep only).
         order: 1-3, the number of the latest evaluations of the same prediction the step interpolates (fewer
             while they are not yet available: after a change of prediction the history builds up again).
         rule: how the derivative terms are weighted (``Rule``: ``"taylor"``, ``"dpmsolver"``, ``"bh1"``,
             ``"bh2"``, ``"pseudo"``); DPM-Solver++ 2M is ``"dpmsolver"``, 3M ``"taylor"``.
-        corrector: None, or a UniC corrector (``"unic"``, ``"unic-bh1"``, ``"unic-bh2"``) that takes this step
-            again when the model has been evaluated at its result (no extra evaluation; not on the last step).
+        corrector: None, or a UniC corrector (``"unic"``, ``"unic-bh1"``, ``"unic-bh2"``; the v3 corrector
+            ``"v3"`` on EMS steps) that takes this step again when the model has been evaluated at its result (no
+            extra evaluation; not on the last step).
         compensation: expansion point of the step moved by ``compensation * h`` in lambda (0: none; needs
             ``rule="taylor"`` and order >= 2).
         method: ``"multistep"`` (from the current solution through the latest evaluations) or ``"singlestep"``:
@@ -77,15 +82,21 @@ class PlanStep:
 
     def __post_init__(self):
         if self.predict not in PREDICTS:
-            raise PlanError(f"A plan step's predict must be 'data' or 'noise', got {self.predict!r}.")
+            raise PlanError(f"A plan step's predict must be 'data', 'noise' or 'ems', got {self.predict!r}.")
         if not isinstance(self.order, (int, np.integer)) or isinstance(self.order, bool) or not 1 <= self.order <= 3:
             raise PlanError(f"A plan step's order must be an integer 1-3, got {self.order!r}.")
         object.__setattr__(self, "order", int(self.order))
         if self.rule not in {r.value for r in Rule}:
             raise PlanError(f"A plan step's rule must be one of {', '.join(r.value for r in Rule)}; got {self.rule!r}.")
-        if self.corrector is not None and self.corrector not in CORRECTORS:
-            raise PlanError(f"A plan step's corrector must be None or one of {', '.join(CORRECTORS)}; got "
-                            f"{self.corrector!r}.")
+        if self.predict == "ems":
+            if self.rule not in EMS_RULES or self.corrector not in (None, "v3") or self.method != "multistep" \
+                    or self.compensation:
+                raise PlanError(f"An EMS step (DPM-Solver-v3) takes rule 'taylor' or 'pseudo', corrector None or "
+                                f"'v3', method 'multistep' and no compensation; got rule={self.rule!r}, corrector="
+                                f"{self.corrector!r}, method={self.method!r}, compensation={self.compensation!r}.")
+        elif self.corrector is not None and self.corrector not in CORRECTORS:
+            raise PlanError(f"A plan step's corrector must be None or one of {', '.join(CORRECTORS)} ('v3' on EMS "
+                            f"steps); got {self.corrector!r}.")
         if not (isinstance(self.compensation, (int, float)) and math.isfinite(self.compensation)):
             raise PlanError(f"A plan step's compensation must be a finite number, got {self.compensation!r}.")
         object.__setattr__(self, "compensation", float(self.compensation))
@@ -112,7 +123,7 @@ class PlanStep:
         return Form(data=self.predict == "data")
 
     def short(self) -> str:
-        text = f"{'D' if self.predict == 'data' else 'N'}{self.order}{'S' if self.method == 'singlestep' else ''}"
+        text = f"{self.predict[0].upper()}{self.order}{'S' if self.method == 'singlestep' else ''}"
         text += self.rule[:2]
         text += "+C" if self.corrector else ""
         text += "*" if self.scale or self.corrector_scale else ""
@@ -186,8 +197,13 @@ class Plan:
         """True when the plan's sample is at sigma = 0 (a final jump or a final denoising evaluation)."""
         return self.ts[-1] == 0.0 or self.denoise_to_zero
 
-    def solver(self) -> PlanSolver:
-        return PlanSolver(self.steps)
+    @property
+    def uses_ems(self) -> bool:
+        """Whether some step integrates the model's EMS (then the plan runs with ``ems=`` its statistics)."""
+        return any(s.predict == "ems" for s in self.steps)
+
+    def solver(self, ems=None) -> PlanSolver:
+        return PlanSolver(self.steps, ems)
 
     def check(self, schedule: Schedule | None = None, data_shape=None, model: str | None = None) -> None:
         """Raise a :class:`PlanError` when this plan was made for another schedule, sample shape or model."""
@@ -268,8 +284,10 @@ class Plan:
                  f"{self.model or '(any)'}",
                  "  times:  " + " ".join(f"{t:.4g}" for t in self.ts),
                  "  steps:  " + " ".join(s.short() for s in self.steps)
-                 + "   (D/N: data/noise prediction, order, S: singlestep, rule, +C: UniC corrector, *: fitted coefficient "
-                 "scales, ~: compensation)"]
+                 + "   (D/N/E: data/noise/EMS prediction, order, S: singlestep, rule, +C: corrector, *: fitted "
+                 "coefficient scales, ~: compensation)"]
+        if self.uses_ems:
+            lines.append("  needs the model's EMS: dp.sample(denoiser, x, plan, ems=...)")
         info = self.info
         if info:
             lines.append(f"  tuned: {info.get('candidate', '?')}; objective {info.get('objective', '?')}")
@@ -304,12 +322,33 @@ class PlanSolver(FixedGridSolver):
     optionally compensated, and its result is corrected by UniC when the next evaluation arrives.
     """
 
-    def __init__(self, steps: Sequence[PlanStep]):
+    def __init__(self, steps: Sequence[PlanStep], ems=None):
         self.steps = tuple(steps)
         if not self.steps:
             raise PlanError("A plan solver needs at least one step.")
         predicts = {s.predict for s in self.steps}
-        self.integrates = {"data": "x0", "noise": "eps"}[predicts.pop()] if len(predicts) == 1 else "x0/eps"
+        names = {"data": "x0", "noise": "eps", "ems": "g"}
+        self.integrates = "/".join(names[p] for p in PREDICTS if p in predicts)
+        self.v3 = None
+        if "ems" in predicts:
+            from ..ems.statistics import EMSError
+            from ..solvers.v3 import DPMSolverV3
+
+            if ems is None:
+                raise EMSError("This plan has DPM-Solver-v3 steps (predict 'ems'): pass the model's statistics, "
+                               "e.g. dp.sample(denoiser, x, plan, ems=dpmsolve.ems.EMS.load(path)).")
+            self.v3 = DPMSolverV3(ems)       # its EMS coefficient maths, for the EMS steps (unused otherwise)
+
+    def init(self, schedule, ts, x, generator=None):
+        if self.v3 is not None:
+            self.v3.statistics.check(schedule, tuple(x.shape[1:]))
+        return super().init(schedule, ts, x, generator)
+
+    def _check_nodes(self, schedule, nodes):
+        if self.v3 is not None:
+            self.v3.statistics.check(schedule)
+            ems_nodes = {j for i, s in enumerate(self.steps) if s.predict == "ems" for j in (i, i + 1)}
+            self.v3.statistics.check_range([nodes[j].lam for j in sorted(ems_nodes) if math.isfinite(nodes[j].lam)])
 
     @property
     def order(self) -> int:
@@ -357,7 +396,11 @@ class PlanSolver(FixedGridSolver):
         out = [None]
         for i in range(1, len(stages)):
             before = self.steps[i - 1]
-            out.append((i - 1, stages[i - 1][1] + (i,), CORRECTORS[before.corrector]) if before.corrector else None)
+            points = stages[i - 1][1]
+            if before.corrector == "v3":     # v3's own corrector: the predictor's order, the newest point for its oldest
+                out.append((i - 1, (i - 1, i) + points[1:-1], Rule.TAYLOR))
+            else:
+                out.append((i - 1, points + (i,), CORRECTORS[before.corrector]) if before.corrector else None)
         return out
 
     def _update(self, nodes: tuple[Node, ...], anchor, points, end, rule):
@@ -365,7 +408,10 @@ class PlanSolver(FixedGridSolver):
         s, t = nodes[anchor], nodes[end]
         h = t.lam - s.lam
         rhos = np.array([(nodes[j].lam - s.lam) / h for j in points])
-        if step.compensation and end not in points:   # the predictor of a compensated step
+        offset = None
+        if step.predict == "ems":
+            a, coeffs, _, offset = self.v3._update(nodes, anchor, points, end, rule)
+        elif step.compensation and end not in points:   # the predictor of a compensated step
             a, w = step.form.linear_and_weights(s, t, len(points))
             coeffs = interpolation_coefficients(rhos - step.compensation, w)
         else:
@@ -378,17 +424,23 @@ class PlanSolver(FixedGridSolver):
                 raise PlanError(f"Step {end - 1}'s {kind} has {len(scale)} values, but its update has {len(points) + 1} "
                                 f"coefficients (a and {len(points)} point(s)); the plan's steps do not fit together.")
             a, coeffs = a * scale[0], [c * f for c, f in zip(coeffs, scale[1:])]
+        if step.predict == "ems":                      # per-element arrays
+            return a, tuple(coeffs), 0.0, offset
         return a, tuple(float(c) for c in coeffs), 0.0, None
 
     def _to_zero(self, nodes, i):
+        if self.steps[i].predict == "ems":
+            return self.v3._to_zero(nodes, i)
         a, coeffs = self.steps[i].form.to_zero(nodes[i])
         return a, coeffs, None
 
     def _aux(self, nodes, i):
-        return self.steps[i].form
+        return self.v3._aux(nodes, i) if self.steps[i].predict == "ems" else self.steps[i].form
 
     def _integrand(self, stage, x_eval, pred):
-        return stage.aux.pick(pred)
+        if isinstance(stage.aux, Form):
+            return stage.aux.pick(pred)
+        return self.v3._integrand(stage, x_eval, pred)
 
     def __repr__(self):
         return f"PlanSolver([{' '.join(s.short() for s in self.steps)}])"

@@ -36,6 +36,7 @@ import torch
 
 from .._checks import check_count, check_mapping, check_tensor
 from ..grids import make_grid
+from ..ems.statistics import EMSError
 from ..model import ClassifierFreeGuidance, Denoiser, Prediction
 from ..schedules import Schedule
 from .plan import Plan, PlanError, PlanStep
@@ -55,6 +56,11 @@ FAMILIES = (
     ("DPM-Solver 3S (noise)", "noise", 3, "dpmsolver", None, "singlestep"),
     ("DDIM", "data", 1, "taylor", None, "multistep"),
 )
+# With the model's EMS (``tune(ems=...)``): DPM-Solver-v3 as the reference recommends it, guided and unguided.
+EMS_FAMILIES = (
+    ("DPM-Solver-v3 2", "ems", 2, "taylor", "v3", "multistep"),
+    ("DPM-Solver-v3 3 (pseudo)", "ems", 3, "pseudo", "v3", "multistep"),
+)
 START_GRIDS = (("logSNR", {}), ("time_uniform", {}), ("time_quadratic", {}), ("time_power", {"power": 1.5}),
                ("karras", {}))
 MOVES = (0.5, 0.25, 0.12, 0.06)        # a time moves by this fraction of the gap to its neighbour
@@ -70,8 +76,8 @@ class _Runner:
     """Runs plans on a fixed batch of start noises against its references, caching evaluations by prefix."""
 
     def __init__(self, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tensor, cache_size: int = 256,
-                 shard: _Shard | None = None):
-        self.denoiser, self.x, self.ref = denoiser, x, ref.to(torch.float64)
+                 shard: _Shard | None = None, ems=None):
+        self.denoiser, self.x, self.ref, self.ems = denoiser, x, ref.to(torch.float64), ems
         self.shard = shard or _Shard()
         self.work = torch.promote_types(x.dtype, torch.float32)
         self.cache: OrderedDict = OrderedDict()
@@ -80,7 +86,7 @@ class _Runner:
         self.runs = 0
 
     def run(self, plan: Plan) -> torch.Tensor:
-        solver = plan.solver()
+        solver = plan.solver(self.ems if plan.uses_ems else None)
         ts = np.asarray(plan.ts)
         state = solver.init(self.denoiser.schedule, ts, self.x.to(self.work))
         specs = solver._stages(len(plan.steps))   # the evaluation at j depends on times, settings, stages before j
@@ -109,8 +115,13 @@ class _Runner:
         return x_out
 
     def errors(self, plan: Plan) -> torch.Tensor:
-        """Per-sample errors of every noise of the shard's group (gathered in rank order)."""
-        return self.shard.gather(plan_errors(self.run(plan), self.ref))
+        """Per-sample errors of every noise of the shard's group (gathered in rank order); all inf for a plan whose
+        EMS steps fall outside the statistics' log-SNR range."""
+        try:
+            x = self.run(plan)
+        except EMSError:
+            return self.shard.gather(torch.full((self.x.shape[0],), math.inf, dtype=torch.float64))
+        return self.shard.gather(plan_errors(x, self.ref))
 
 
 def plan_errors(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -246,8 +257,9 @@ def _pattern_search(runner: _Runner, grid: _Grid, plan: Plan, value: float, floo
 
 
 def _step_search(runner: _Runner, plan: Plan, value: float, floor: float, budget: int) -> tuple[Plan, float]:
-    """Per step, other orders, the other prediction, corrector on/off and a compensation of -/+0.25 (kept where
-    the objective drops)."""
+    """Per step, other orders, the other predictions (the EMS one when the runner has statistics), corrector on/off
+    and a compensation of -/+0.25 (kept where the objective drops)."""
+    with_ems = runner.ems is not None
     steps = list(plan.steps)
     last = len(steps) - 1
     for i in range(len(steps)):
@@ -257,11 +269,14 @@ def _step_search(runner: _Runner, plan: Plan, value: float, floor: float, budget
         if s.method == "singlestep":
             continue                          # a block's steps change together (its order is its length)
         options = [PlanStep(s.predict, p, s.rule, s.corrector) for p in (1, 2, 3) if p != s.order]
-        options.append(PlanStep("noise" if s.predict == "data" else "data", s.order, s.rule))
+        ems_rule = s.rule if s.rule in ("taylor", "pseudo") else "taylor"
+        options += [PlanStep(p, s.order, ems_rule if p == "ems" else ("bh2" if s.predict == "ems" else s.rule))
+                    for p in ("data", "noise") + ("ems",) * with_ems if p != s.predict]
         if i < last and (i + 1 > last or steps[i + 1].predict == s.predict):
-            other = None if s.corrector else ("unic-bh2" if s.rule != "bh1" else "unic-bh1")
+            unic = "unic-bh2" if s.rule != "bh1" else "unic-bh1"
+            other = None if s.corrector else ("v3" if s.predict == "ems" else unic)
             options.append(PlanStep(s.predict, s.order, s.rule, other))
-        if s.order >= 2 and s.rule == "taylor":
+        if s.order >= 2 and s.rule == "taylor" and s.predict != "ems":
             options += [PlanStep(s.predict, s.order, s.rule, s.corrector, c) for c in (-0.25, 0.25)]
         for option in options:
             if runner.evaluations >= budget:
@@ -282,11 +297,11 @@ def _scalable(plan: Plan, i: int) -> bool:
     return not (plan.ts[-1] == 0.0 and i == len(plan.steps) - 1)
 
 
-def _scaled_run(plan: Plan, denoiser: Denoiser, x: torch.Tensor, thetas: dict) -> torch.Tensor:
+def _scaled_run(plan: Plan, denoiser: Denoiser, x: torch.Tensor, thetas: dict, ems=None) -> torch.Tensor:
     """The plan's sample with step coefficients multiplied by ``1 + theta`` (differentiable in the thetas):
     ``thetas[(i, "scale")]`` scales stage i's update, ``thetas[(i, "corrector_scale")]`` step i's corrector (which
     the engine applies at stage i + 1)."""
-    solver = plan.solver()
+    solver = plan.solver(ems if plan.uses_ems else None)
     state = solver.init(denoiser.schedule, np.asarray(plan.ts), x)
     stages = list(state.stages)
     for (i, kind), theta in thetas.items():
@@ -320,12 +335,12 @@ def _with_scales(plan: Plan, thetas: dict) -> Plan:
 
 def fit_scales(plan: Plan, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tensor, floor: float,
                x_check: torch.Tensor, ref_check: torch.Tensor, denoiser_check: Denoiser, iterations: int = 40,
-               lr: float = 0.02, shard: _Shard | None = None) -> tuple[Plan, dict]:
+               lr: float = 0.02, shard: _Shard | None = None, ems=None) -> tuple[Plan, dict]:
     """Fit multipliers of the plan's update coefficients (Adam on the mean log per-sample error, through the
     model; the best iterate), kept only if the check noises' objective drops too. Returns (plan, what happened)."""
     base = dataclasses.replace(plan, steps=tuple(dataclasses.replace(s, scale=(), corrector_scale=())
                                                   for s in plan.steps))
-    _, stages = base.solver().plan(denoiser.schedule, np.asarray(base.ts))
+    _, stages = base.solver(ems if base.uses_ems else None).plan(denoiser.schedule, np.asarray(base.ts))
     thetas = {}
     for i in range(len(base.steps)):
         if _scalable(base, i):
@@ -334,7 +349,7 @@ def fit_scales(plan: Plan, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tenso
                 n = len(stages[i + 1].corrector.points) + 1
                 thetas[(i, "corrector_scale")] = torch.zeros(n, dtype=torch.float64, requires_grad=True)
     shard = shard or _Shard()
-    check = _Runner(denoiser_check, x_check, ref_check, shard=shard)
+    check = _Runner(denoiser_check, x_check, ref_check, shard=shard, ems=ems)
     n_fit = int(shard.gather(torch.tensor([x.shape[0]])).sum())
     before = _objective(check.errors(base), floor)
     info = {"parameters": sum(t.numel() for t in thetas.values()), "iterations": 0, "check_before": before,
@@ -350,7 +365,7 @@ def fit_scales(plan: Plan, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tenso
         optimiser.zero_grad()
         with torch.enable_grad():
             try:
-                out = _scaled_run(base, denoiser, x, thetas)
+                out = _scaled_run(base, denoiser, x, thetas, ems)
             except _NotDifferentiable:
                 info["evaluations"] += check.evaluations + 2
                 return base, {**info, "kept": False, "why": "the model's output is not differentiable in its input"}
@@ -458,7 +473,7 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
          families: Sequence = FAMILIES,
          budget: int | None = None, budget_per_nfe: int = 150, moves: Sequence[float] = MOVES,
          per_step: bool = True, fit_iterations: int = 40, seed: int = 0, schedule: Schedule | None = None,
-         model: str | None = None, group=None, progress: bool | None = None) -> Plan | dict[int, Plan]:
+         model: str | None = None, ems=None, group=None, progress: bool | None = None) -> Plan | dict[int, Plan]:
     """Search a plan (time grid and per-step solver settings) for ``denoiser`` at ``nfe`` model evaluations.
 
     Args:
@@ -483,6 +498,9 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
             noises with gradients through the model: about 3 evaluations' cost per model call); 0: no fit.
         seed: fixes the tuning / held-out split and the fit's check quarter (the search has no randomness).
         model: the model identifier stored in the plan (default: a hash of the network's parameters).
+        ems: the model's empirical statistics (:func:`dpmsolve.ems.compute`, ``EMS.load`` or a file path): the
+            search then also tries DPM-Solver-v3 (:data:`EMS_FAMILIES`) and, per step, the EMS prediction with the v3
+            corrector; a plan with such steps runs with ``dp.sample(denoiser, x, plan, ems=...)``.
         group: a ``torch.distributed`` process group (under ``torchrun``: ``torch.distributed.group.WORLD``): every
             rank passes the same arguments and evaluates its contiguous share of each set of noises (references
             included); per-sample errors are gathered and the fit's gradients summed, so every rank returns the
@@ -518,6 +536,12 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
     elif schedule is None:
         raise ValueError("denoiser is a function (of a subset's model_kwargs, returning a Denoiser): pass schedule= "
                          "as well, or pass a Denoiser made by dpmsolve.wrap_model.")
+    if ems is not None:
+        from ..solvers.v3 import DPMSolverV3
+
+        ems = DPMSolverV3(ems).statistics         # loads a path, refuses anything else
+        ems.check(schedule, tuple(noise.shape[1:]))
+        families = tuple(families) + EMS_FAMILIES
     n = noise.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_hold = int(round(held_out * n))
@@ -565,7 +589,7 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
                leave=False)
     for k in nfes:
         t0 = time.perf_counter()
-        runner = _Runner(*parts["tune"], shard=shard)
+        runner = _Runner(*parts["tune"], shard=shard, ems=ems)
         limit = budget_per_nfe * k if budget is None else int(budget)
         plan, start_plan, info = _search(runner, grid, int(k), families, floor, limit, to_zero, tuple(moves),
                                          per_step)
@@ -573,14 +597,14 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
         if fit_iterations > 0 and n_check >= 2:
             den_f, x_f, ref_f, den_c, x_c, ref_c = fit_parts
             plan, info["fit"] = fit_scales(plan, den_f, x_f, ref_f, floor, x_c, ref_c, den_c, int(fit_iterations),
-                                           shard=shard)
+                                           shard=shard, ems=ems)
             fit_evals = info["fit"]["evaluations"]
         plan_final = Plan(plan.ts, plan.steps, plan.denoise_to_zero, **fields)
         info.update(objective="mean log per-sample RMS error (tuning noises)", endpoint=endpoint,
                     far_threshold=threshold, seed=seed)
         checked = 0
         for name, (den, x, ref) in parts.items():
-            check = _Runner(den, x, ref, shard=shard)
+            check = _Runner(den, x, ref, shard=shard, ems=ems)
             summary = _summary(check.errors(plan_final), threshold)
             start = _summary(check.errors(start_plan), threshold)
             summary.update(start_median=start["median"], start_rmse=start["rmse"], start_far=start["far"])
