@@ -86,7 +86,7 @@ class _Runner:
         self.runs = 0
 
     def run(self, plan: Plan) -> torch.Tensor:
-        solver = plan.solver(self.ems if plan.uses_ems else None)
+        solver = plan.solver(self.ems)
         ts = np.asarray(plan.ts)
         state = solver.init(self.denoiser.schedule, ts, self.x.to(self.work))
         specs = solver._stages(len(plan.steps))   # the evaluation at j depends on times, settings, stages before j
@@ -301,7 +301,7 @@ def _scaled_run(plan: Plan, denoiser: Denoiser, x: torch.Tensor, thetas: dict, e
     """The plan's sample with step coefficients multiplied by ``1 + theta`` (differentiable in the thetas):
     ``thetas[(i, "scale")]`` scales stage i's update, ``thetas[(i, "corrector_scale")]`` step i's corrector (which
     the engine applies at stage i + 1)."""
-    solver = plan.solver(ems if plan.uses_ems else None)
+    solver = plan.solver(ems)
     state = solver.init(denoiser.schedule, np.asarray(plan.ts), x)
     stages = list(state.stages)
     for (i, kind), theta in thetas.items():
@@ -340,7 +340,7 @@ def fit_scales(plan: Plan, denoiser: Denoiser, x: torch.Tensor, ref: torch.Tenso
     model; the best iterate), kept only if the check noises' objective drops too. Returns (plan, what happened)."""
     base = dataclasses.replace(plan, steps=tuple(dataclasses.replace(s, scale=(), corrector_scale=())
                                                   for s in plan.steps))
-    _, stages = base.solver(ems if base.uses_ems else None).plan(denoiser.schedule, np.asarray(base.ts))
+    _, stages = base.solver(ems).plan(denoiser.schedule, np.asarray(base.ts))
     thetas = {}
     for i in range(len(base.steps)):
         if _scalable(base, i):
