@@ -326,24 +326,21 @@ class CheckpointDriver(StepDriver):
         pred = self.denoiser(x, t, **self.model_kwargs)
         return Prediction(pred.x0.to(self.work), pred.eps.to(self.work))
 
-    def advance(self, solver, state, evaluate):
+    def _checkpointed(self, run, arg, evaluate):
+        """``run(arg, evaluate)`` under torch.utils.checkpoint: the first (forward) call evaluates as given, the
+        backward pass's recomputation through ``_recompute``."""
         from torch.utils.checkpoint import checkpoint
 
         calls = [0]
 
-        def step(state):
+        def once(arg):
             calls[0] += 1
-            return self.inner.advance(solver, state, evaluate if calls[0] == 1 else self._recompute)
+            return run(arg, evaluate if calls[0] == 1 else self._recompute)
 
-        return checkpoint(step, state, use_reentrant=False)
+        return checkpoint(once, arg, use_reentrant=False)
+
+    def advance(self, solver, state, evaluate):
+        return self._checkpointed(lambda s, ev: self.inner.advance(solver, s, ev), state, evaluate)
 
     def final(self, x, t, evaluate):
-        from torch.utils.checkpoint import checkpoint
-
-        calls = [0]
-
-        def jump(x):
-            calls[0] += 1
-            return self.inner.final(x, t, evaluate if calls[0] == 1 else self._recompute)
-
-        return checkpoint(jump, x, use_reentrant=False)
+        return self._checkpointed(lambda y, ev: self.inner.final(y, t, ev), x, evaluate)

@@ -191,12 +191,8 @@ class EDICT(Solver):
         x' = a x + b eps(y);   y' = a y + b eps(x');   x = p x' + (1 - p) y';   y = p y' + (1 - p) x
 
     Every line inverts exactly (the inverse evaluates at ``s``), so the round trip reconstructs to round-off.
-    ``p`` (0.93, the paper's) keeps the two sequences close; the sample is ``x``.
-
-    ``precision`` (default float64, as EDICT's reference): the dtype the solution is kept in during the run (the
-    network still runs in its own dtype). The inverse amplifies round-off step by step, so float32 states
-    reconstruct to ~1e-5 (BDIA) or ~1e-3 (EDICT) where float64 states reach the network's own float32 round-off;
-    ``None`` keeps the sampler's usual float32-or-wider. The sample comes back in the caller's dtype.
+    ``p`` (0.93, the paper's) keeps the two sequences close; the sample is ``x``. ``precision``: as for
+    :class:`BDIA`.
     """
 
     integrates = "eps"

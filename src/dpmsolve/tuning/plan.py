@@ -406,10 +406,9 @@ class PlanSolver(FixedGridSolver):
     def _update(self, nodes: tuple[Node, ...], anchor, points, end, rule):
         step = self.steps[anchor]
         s, t = nodes[anchor], nodes[end]
-        h = t.lam - s.lam
-        rhos = np.array([(nodes[j].lam - s.lam) / h for j in points])
+        rhos = np.array([(nodes[j].lam - s.lam) / (t.lam - s.lam) for j in points])
         offset = None
-        if step.predict == "ems":
+        if step.predict == "ems":                      # v3's own coefficient maths
             a, coeffs, _, offset = self.v3._update(nodes, anchor, points, end, rule)
         elif step.compensation and end not in points:   # the predictor of a compensated step
             a, w = step.form.linear_and_weights(s, t, len(points))
