@@ -229,8 +229,22 @@ def test_tuning_with_statistics_searches_v3_steps(mixture, mixture_ems):
     den, x_T = mixture
     noise = torch.randn((32, 4), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     plan = dp.tune(den, noise, 4, ems=mixture_ems, families=(), budget=40, reference_rtol=1e-7, fit_iterations=3)
-    assert plan.uses_ems and plan.nfe == 4 and "needs the model's EMS" in plan.report()
+    assert plan.uses_ems and plan.nfe == 4 and "EMS: attached" in plan.report()
     # the v3 family on a standard grid is where the search started: the held-out noises are no worse after it
     assert plan.info["held_out"]["median"] <= plan.info["held_out"]["start_median"] * 1.0001
-    out = dp.sample(den, x_T, plan, ems=mixture_ems, progress=False)
+    out = dp.sample(den, x_T, plan, progress=False)          # the statistics travel with the tuned plan
     assert out.nfe == 4 and torch.isfinite(out.x).all()
+    assert torch.equal(dp.sample(den, x_T, plan, ems=mixture_ems, progress=False).x, out.x)
+
+
+def test_saved_plan_with_v3_steps_needs_its_statistics_again(tmp_path, mixture, mixture_ems):
+    den, x_T = mixture
+    ts = dp.make_grid(den.schedule, 5, "logSNR", t_end=0.0)
+    plan = Plan.multistep(ts, "ems", 2, "taylor").with_ems(mixture_ems)
+    expected = dp.sample(den, x_T, plan, progress=False).x
+    path = plan.save(tmp_path / "v3.plan.json")
+    loaded = Plan.load(path)
+    assert loaded == plan and loaded.ems is None and "not attached" in loaded.report()
+    with pytest.raises(dp.ems.EMSError, match="pass the model's statistics"):
+        dp.sample(den, x_T, loaded, progress=False)
+    assert torch.equal(dp.sample(den, x_T, Plan.load(path, ems=mixture_ems), progress=False).x, expected)

@@ -73,6 +73,35 @@ def test_tuner_is_deterministic_and_counts_every_evaluation():
     assert len(calls) / 2 == total           # two identical tune() calls
 
 
+@pytest.mark.parametrize("endpoint", ["zero", "t_min"])
+def test_a_plan_refined_to_more_steps_keeps_its_time_density_and_settings(endpoint):
+    from dpmsolve.tuning.search import _Grid, refined
+
+    to_zero = endpoint == "zero"
+    grid = _Grid(SCHEDULE, to_zero, SCHEDULE.t_max, SCHEDULE.t_min)
+    t_end = 0.0 if to_zero else None
+    steps = (PlanStep("noise", 1), PlanStep("data", 2, "bh2", "unic-bh2"), PlanStep("data", 3, "taylor"))
+    # uniform in log-SNR stays uniform in log-SNR: the grid dp.make_grid makes for 6 steps
+    plan = Plan(dp.make_grid(SCHEDULE, 3, "logSNR", t_end=t_end), steps)
+    six = refined(plan, grid, 6)
+    np.testing.assert_allclose(six.ts, dp.make_grid(SCHEDULE, 6, "logSNR", t_end=t_end), rtol=1e-9, atol=1e-12)
+    assert [(s.predict, s.order) for s in six.steps] == [("noise", 1)] * 2 + [("data", 2)] * 2 + [("data", 3)] * 2
+    assert [s.corrector for s in six.steps] == [None, None, "unic-bh2", "unic-bh2", None, None]
+    singlestep = Plan(plan.ts, tuple(PlanStep("data", 3, method="singlestep") for _ in range(3)))
+    assert refined(singlestep, grid, 6) is None          # a singlestep block does not stretch
+
+
+def test_tuning_several_nfes_starts_each_from_the_plan_below():
+    problem, den = gaussian()
+    x_T = noise(48, 3)
+    plans = dp.tune(den, x_T, [5, 3], reference=exact(problem, x_T), budget=60, fit_iterations=0)
+    assert list(plans) == [5, 3]                        # in the order asked
+    assert "seeds" in plans[3].info and plans[3].info["seeds"] == []
+    (label, seeded), = plans[5].info["seeds"]
+    assert label == "the NFE 3 plan refined"
+    assert plans[5].info["tuning_objective"] <= seeded  # the search keeps the best of its starts
+
+
 def test_per_sample_conditioning_travels_with_the_noise():
     # A class-conditional mixture: a label per start noise, passed as model_kwargs and as a guided wrapper.
     problem = GaussianMixture.random(k=8, dim=4, seed=5, classes=4)

@@ -252,9 +252,12 @@ def _model_identity(denoiser) -> str | None:
 
 
 def _sample_zoo_plan(name, model, denoiser, x, labels, guidance, seed, plan_path, out, upscale, device) -> list[Path]:
+    from . import zoo
     from .sampling import sample
 
     plan = _load_plan(plan_path, model.schedule, model.shape, _model_identity(denoiser))
+    if plan.uses_ems:      # its DPM-Solver-v3 steps run with the statistics shipped for this model and guidance
+        plan = plan.with_ems(zoo.statistics(name, None if labels is None else (3.0 if guidance is None else guidance)))
     try:
         result = sample(denoiser, x, plan, seed=seed)
     except ValueError as exc:

@@ -136,7 +136,9 @@ class Plan:
 
     Accepted wherever a solver is: ``dp.sample(denoiser, x_T, plan)``. NFE = ``steps`` (+1 with
     ``denoise_to_zero``). ``schedule`` is ``Schedule.fingerprint()``; ``data_shape`` the per-sample shape
-    (None: any); ``model`` an identifier of the model (empty: any); ``info`` what the tuner measured.
+    (None: any); ``model`` an identifier of the model (empty: any); ``info`` what the tuner measured; ``ems`` the
+    model's statistics its DPM-Solver-v3 steps run with (not saved: :meth:`with_ems`, ``Plan.load(..., ems=)``;
+    ``dpmsolve.tune`` and ``dpmsolve.zoo.plan`` attach them).
     """
 
     ts: tuple[float, ...]
@@ -146,6 +148,7 @@ class Plan:
     data_shape: tuple[int, ...] | None = None
     model: str = ""
     info: dict = field(default_factory=dict, compare=False)
+    ems: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         ts = np.asarray(self.ts, dtype=np.float64).reshape(-1)
@@ -203,7 +206,15 @@ class Plan:
         return any(s.predict == "ems" for s in self.steps)
 
     def solver(self, ems=None) -> PlanSolver:
-        return PlanSolver(self.steps, ems)
+        """The solver that runs this plan (``ems``: statistics for its EMS steps; default: the attached ones)."""
+        return PlanSolver(self.steps, self.ems if ems is None else ems)
+
+    def with_ems(self, ems) -> Plan:
+        """This plan with the model's EMS attached (an ``EMS`` or the path of an EMS file), so that
+        ``dp.sample(denoiser, x, plan)`` runs its DPM-Solver-v3 steps without ``ems=``."""
+        from ..solvers.v3 import DPMSolverV3
+
+        return replace(self, ems=None if ems is None else DPMSolverV3(ems).statistics)
 
     def check(self, schedule: Schedule | None = None, data_shape=None, model: str | None = None) -> None:
         """Raise a :class:`PlanError` when this plan was made for another schedule, sample shape or model."""
@@ -260,9 +271,10 @@ class Plan:
         return path
 
     @classmethod
-    def load(cls, path, schedule: Schedule | None = None, data_shape=None, model: str | None = None) -> Plan:
+    def load(cls, path, schedule: Schedule | None = None, data_shape=None, model: str | None = None,
+             ems=None) -> Plan:
         """Read a plan written by :meth:`save`; with ``schedule`` / ``data_shape`` / ``model`` given, refuse (a
-        :class:`PlanError`) a plan made for another."""
+        :class:`PlanError`) a plan made for another; ``ems``: the statistics to attach (:meth:`with_ems`)."""
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"No plan file at {path}.")
@@ -272,7 +284,7 @@ class Plan:
             raise PlanError(f"{path} is not a readable plan file ({err}).") from None
         plan = cls.from_dict(data, str(path))
         plan.check(schedule, data_shape, model)
-        return plan
+        return plan if ems is None else plan.with_ems(ems)
 
     # -------------------------------------------------------------------------------------------- report
     def report(self) -> str:
@@ -287,7 +299,9 @@ class Plan:
                  + "   (D/N/E: data/noise/EMS prediction, order, S: singlestep, rule, +C: corrector, *: fitted "
                  "coefficient scales, ~: compensation)"]
         if self.uses_ems:
-            lines.append("  needs the model's EMS: dp.sample(denoiser, x, plan, ems=...)")
+            lines.append("  runs DPM-Solver-v3 steps with the model's EMS: " + (
+                "attached" if self.ems is not None else "not attached, pass them: plan.with_ems(ems) or "
+                "dp.sample(denoiser, x, plan, ems=...)"))
         info = self.info
         if info:
             lines.append(f"  tuned: {info.get('candidate', '?')}; objective {info.get('objective', '?')}")

@@ -500,7 +500,7 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
         model: the model identifier stored in the plan (default: a hash of the network's parameters).
         ems: the model's empirical statistics (:func:`dpmsolve.ems.compute`, ``EMS.load`` or a file path): the
             search then also tries DPM-Solver-v3 (:data:`EMS_FAMILIES`) and, per step, the EMS prediction with the v3
-            corrector; a plan with such steps runs with ``dp.sample(denoiser, x, plan, ems=...)``.
+            corrector; a plan with such steps carries them (``plan.ems``, not saved: ``Plan.load(path, ems=...)``).
         group: a ``torch.distributed`` process group (under ``torchrun``: ``torch.distributed.group.WORLD``): every
             rank passes the same arguments and evaluates its contiguous share of each set of noises (references
             included); per-sample errors are gathered and the fit's gradients summed, so every rank returns the
@@ -587,12 +587,17 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
     quiet = shard.rank != 0 or progress is False
     bar = tqdm(total=len(nfes), desc="dpmsolve tune", unit="nfe", disable=True if quiet else (None if progress is None else False),
                leave=False)
-    for k in nfes:
+    for k in sorted(set(int(k) for k in nfes)):
         t0 = time.perf_counter()
         runner = _Runner(*parts["tune"], shard=shard, ems=ems)
         limit = budget_per_nfe * k if budget is None else int(budget)
-        plan, start_plan, info = _search(runner, grid, int(k), families, floor, limit, to_zero, tuple(moves),
-                                         per_step)
+        seeds = []
+        if plans:                                   # the plan tuned for the next smaller NFE, carried to k steps
+            below = max(plans)
+            seed = refined(plans[below], grid, k)
+            seeds = [] if seed is None else [(f"the NFE {below} plan refined", seed)]
+        plan, start_plan, info = _search(runner, grid, k, families, floor, limit, to_zero, tuple(moves),
+                                         per_step, seeds)
         fit_evals = 0
         if fit_iterations > 0 and n_check >= 2:
             den_f, x_f, ref_f, den_c, x_c, ref_c = fit_parts
@@ -615,10 +620,11 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
                         "model_evaluations": runner.evaluations + ref_evals + checked + fit_evals,
                         "runs": runner.runs, "seconds": time.perf_counter() - t0,
                         "seconds_with_references": time.perf_counter() - started}
-        plans[int(k)] = Plan(plan.ts, plan.steps, plan.denoise_to_zero, info=info, **fields)
+        plans[k] = Plan(plan.ts, plan.steps, plan.denoise_to_zero, info=info, **fields,
+                        ems=ems if plan.uses_ems else None)
         bar.update(1)
     bar.close()
-    return plans[int(nfes[0])] if isinstance(nfe, (int, np.integer)) else plans
+    return plans[int(nfes[0])] if single else {int(k): plans[int(k)] for k in nfes}
 
 
 def standard_candidates(schedule: Schedule, n: int, families=FAMILIES, to_zero: bool = True):
@@ -634,10 +640,30 @@ def standard_candidates(schedule: Schedule, n: int, families=FAMILIES, to_zero: 
             yield f"{label}, {kind} grid", Plan(tuple(ts), steps)
 
 
+def refined(plan: Plan, grid: _Grid, n: int) -> Plan | None:
+    """A tuned plan carried to ``n`` steps: its lambda grid interpolated at the new number of points (keeping where
+    it puts its times densely), each new step taking the settings of the step at the same place, fitted scales
+    dropped. None for singlestep plans (their blocks do not stretch) and settings that make no valid plan."""
+    if any(s.method == "singlestep" for s in plan.steps):
+        return None
+    lams = grid.lams_of(plan.ts)
+    points = n if grid.to_zero else n + 1
+    new = np.interp(np.linspace(0.0, lams.size - 1.0, points), np.arange(lams.size), lams)
+    m = len(plan.steps)
+    steps = [dataclasses.replace(plan.steps[int((j + 0.5) * m / n)], scale=(), corrector_scale=()) for j in range(n)]
+    steps[-1] = dataclasses.replace(steps[-1], corrector=None)
+    try:
+        return Plan(grid.times(new), tuple(steps), plan.denoise_to_zero)
+    except PlanError:
+        return None
+
+
 def _search(runner: _Runner, grid: _Grid, n: int, families, floor: float, budget: int, to_zero: bool,
-            moves: tuple[float, ...], per_step: bool) -> tuple[Plan, Plan, dict]:
-    """(the tuned plan, the best standard configuration it started from, what the search did)."""
-    # (1) every family on the standard grids
+            moves: tuple[float, ...], per_step: bool, seeds: Sequence[tuple[str, Plan]] = ()
+            ) -> tuple[Plan, Plan, dict]:
+    """(the tuned plan, the best standard configuration it started from, what the search did); ``seeds``: more
+    (label, plan) starting points of n steps (the plans tuned for other NFEs, :func:`refined`)."""
+    # (1) every family on the standard grids, and the seeds
     scored = []
     for label, plan in standard_candidates(runner.denoiser.schedule, n, families, to_zero):
         if scored and runner.evaluations >= budget:
@@ -645,6 +671,8 @@ def _search(runner: _Runner, grid: _Grid, n: int, families, floor: float, budget
         scored.append(_Best(plan, _objective(runner.errors(plan), floor), label))
     scored.sort(key=lambda b: b.value)
     start = scored[0]
+    seeded = [_Best(plan, _objective(runner.errors(plan), floor), label) for label, plan in seeds]
+    scored = sorted(scored + seeded, key=lambda b: b.value)
     # (2) the grid of the best families (distinct families only), half of the budget shared among them
     finalists, seen = [], set()
     for b in scored:
@@ -668,5 +696,6 @@ def _search(runner: _Runner, grid: _Grid, n: int, families, floor: float, budget
     plan, value = _pattern_search(runner, grid, plan, value, floor, budget, moves[1:])
     info = {"candidate": f"from {best.label}", "tuning_objective": value, "start_label": start.label,
             "start_objective": start.value, "families": [(b.label, b.value) for b in scored[:8]],
+            "seeds": [(b.label, b.value) for b in seeded],
             "start_plan": {"ts": list(start.plan.ts), "steps": [vars(s) for s in start.plan.steps]}}
     return plan, start.plan, info

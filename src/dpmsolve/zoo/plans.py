@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..tuning import Plan, PlanError, model_identity, tune
-from . import MODELS, WEIGHTS_DIR, guided, load
+from . import MODELS, WEIGHTS_DIR, guided, load, statistics
 
 __all__ = ["SHIPPED_NFES", "GUIDANCE", "SAMPLES", "plan", "plan_path", "tune_model"]
 
@@ -47,7 +47,8 @@ def _denoiser_for(model, guidance: float | None, n: int):
 
 def plan(name: str, nfe: int, guidance: float | None = 3.0) -> Plan:
     """The shipped plan of zoo model ``name`` for ``nfe`` evaluations (``guidance``: the classifier-free scale
-    of class-conditional models; None for unconditional ones), validated against the model."""
+    of class-conditional models; None for unconditional ones), validated against the model; a plan with
+    DPM-Solver-v3 steps comes with the model's shipped statistics attached."""
     if name not in MODELS:
         raise ValueError(f"Unknown zoo model {name!r}; valid names are: {', '.join(MODELS)}.")
     model = load(name)
@@ -57,7 +58,8 @@ def plan(name: str, nfe: int, guidance: float | None = 3.0) -> Plan:
         shipped = ", ".join(str(k) for k in SHIPPED_NFES)
         raise PlanError(f"No shipped plan for {name!r} at {nfe} NFE and guidance {guidance}; shipped: NFE {shipped} "
                         f"at guidance {GUIDANCE[name]}. Tune one with `dpmsolve tune --model {name} --nfe {nfe}`.")
-    return Plan.load(path, model.schedule, model.shape, model_identity(_denoiser_for(model, guidance, 1)))
+    found = Plan.load(path, model.schedule, model.shape, model_identity(_denoiser_for(model, guidance, 1)))
+    return found.with_ems(statistics(name, guidance)) if found.uses_ems else found
 
 
 def tune_model(name: str, nfes=SHIPPED_NFES, guidance: float | None = None, samples: int | None = None,
