@@ -91,10 +91,11 @@ def test_a_plan_refined_to_more_steps_keeps_its_time_density_and_settings(endpoi
     assert refined(singlestep, grid, 6) is None          # a singlestep block does not stretch
 
 
-def test_tuning_several_nfes_starts_each_from_the_plan_below():
+def test_tuning_several_nfes_starts_each_from_the_plan_below(tmp_path):
     problem, den = gaussian()
     x_T = noise(48, 3)
-    plans = dp.tune(den, x_T, [5, 3], reference=exact(problem, x_T), budget=60, fit_iterations=0)
+    plans = dp.tune(den, x_T, [5, 3], reference=exact(problem, x_T), budget=60, fit_iterations=0, seed=2)
+    assert plans[5].info["seed"] == 2 and Plan.load(plans[5].save(tmp_path / "p.plan.json")) == plans[5]
     assert list(plans) == [5, 3]                        # in the order asked
     assert "seeds" in plans[3].info and plans[3].info["seeds"] == []
     (label, seeded), = plans[5].info["seeds"]

@@ -594,8 +594,8 @@ def tune(denoiser: Denoiser | Callable[[dict], Denoiser], noise: torch.Tensor, n
         seeds = []
         if plans:                                   # the plan tuned for the next smaller NFE, carried to k steps
             below = max(plans)
-            seed = refined(plans[below], grid, k)
-            seeds = [] if seed is None else [(f"the NFE {below} plan refined", seed)]
+            carried = refined(plans[below], grid, k)
+            seeds = [] if carried is None else [(f"the NFE {below} plan refined", carried)]
         plan, start_plan, info = _search(runner, grid, k, families, floor, limit, to_zero, tuple(moves),
                                          per_step, seeds)
         fit_evals = 0
