@@ -14,7 +14,7 @@ Per problem, endpoint and NFE:
 1. **Tuned plan.** Analytic problems (``gaussian``, ``mixture-cfg7.5``, ``digits-kde``): :func:`dpmsolve.tune` on
    ``--tune-samples`` (128) start noises drawn from seed ``TUNE_SEED`` (not the evaluation seed), with
    ``reference=`` their exact solution (a DOP853 solve of the exact guided denoiser), a quarter held out (the
-   tuner's default). Zoo models (``digits``, ``digits-flow`` at CFG 3, ``patches``): the shipped plan
+   tuner's default), all NFEs of a problem and endpoint in one call (as ``dpmsolve tune --nfe ...`` does). Zoo models (``digits``, ``digits-flow`` at CFG 3, ``patches``): the shipped plan
    (``dpmsolve.zoo.plan``) where one exists for the endpoint ``"zero"`` and that NFE, else
    ``dpmsolve.zoo.plans.tune_model`` (its noise seed 12345 and default number of tuning noises).
 2. **Evaluation** on other start noises: the analytic problems' lab noises (``standard_problems(n, seed=0)``,
@@ -403,22 +403,26 @@ def run_analytic(name: str, endpoint: str, nfes, samples: int, tune_samples: int
     threshold = far_threshold(ref)
     meta = {"code": CODE, "label": name, "kind": "analytic", "samples": samples, "tune_samples": tune_samples,
             "eval_seed": EVAL_SEED, "tune_seed": TUNE_SEED, "threshold": threshold, "peers": peers}
+    plans = _analytic_plans(tuning, ref_tune, nfes, endpoint)
+    log(f"{name} [{endpoint}]: tuned NFE {', '.join(str(k) for k in plans)} in one call, "
+        f"{sum(s for _, s in plans.values()):.0f} s")
     for nfe in nfes:
-        timing = {}
-
-        def plan_of():
-            t = time.perf_counter()
-            plan = dp.tune(tuning.denoiser, tuning.x_T, nfe, reference=ref_tune, endpoint=endpoint, seed=0,
-                           progress=False)
-            timing["tune"] = time.perf_counter() - t
-            return plan
-
+        plan, seconds = plans[nfe]
         t0 = time.perf_counter()
-        cell, plan = measure_cell(evaluation.denoiser, evaluation.x_T, ref, threshold, plan_of, nfe, endpoint, peers)
-        _done(name, endpoint, nfe, cell, timing["tune"], time.perf_counter() - t0 - timing["tune"])
-        record = _plan_record(plan, f"tuned ({tune_samples} noises)", timing["tune"])
+        cell, plan = measure_cell(evaluation.denoiser, evaluation.x_T, ref, threshold, lambda: plan, nfe, endpoint,
+                                  peers)
+        _done(name, endpoint, nfe, cell, seconds, time.perf_counter() - t0)
+        record = _plan_record(plan, f"tuned ({tune_samples} noises)", seconds)
         store(out, endpoint, name, meta, nfe, cell, record)
         rebuild(out)
+
+
+def _analytic_plans(tuning: LabProblem, ref_tune: torch.Tensor, nfes, endpoint: str) -> dict[int, tuple]:
+    """(plan, tuning seconds) per NFE: one ``dp.tune`` call for all of them, as a user tunes several budgets (the
+    plan of each NFE is a starting point of the next larger one's search); seconds are each NFE's own search."""
+    plans = dp.tune(tuning.denoiser, tuning.x_T, sorted(nfes), reference=ref_tune, endpoint=endpoint, seed=0,
+                    progress=False)
+    return {k: (p, p.info["cost"]["seconds"]) for k, p in plans.items()}
 
 
 ZOO_REFERENCE_STEPS = 400
@@ -568,21 +572,20 @@ def refresh(out: Path, endpoint: str, name: str, reference: str, what: str, nfes
     threshold = meta["threshold"]
     cells = sorted(((k, c) for k, c in entry["cells"].items() if nfes is None or int(k) in nfes),
                    key=lambda kv: int(kv[0]))
-    zoo_plans = {}
+    found = {}
     if what == "tuned" and meta["kind"] == "zoo":
-        zoo_plans = _zoo_plans(name, endpoint, [int(k) for k, _ in cells])
+        found = _zoo_plans(name, endpoint, [int(k) for k, _ in cells])
+    elif what == "tuned":
+        label = f"tuned ({meta['tune_samples']} noises)"
+        found = {k: (p, label, t) for k, (p, t) in _analytic_plans(tuning, ref_tune, [int(k) for k, _ in cells],
+                                                                       endpoint).items()}
     for key, cell in cells:
         nfe, best = int(key), cell.get("best_peer")
         record = entry["plans"].get(key)
-        t0 = time.perf_counter()
         if what == "default":
             plan = None
-        elif meta["kind"] == "analytic":
-            plan = dp.tune(tuning.denoiser, tuning.x_T, nfe, reference=ref_tune, endpoint=endpoint, seed=0,
-                           progress=False)
-            record = _plan_record(plan, f"tuned ({meta['tune_samples']} noises)", time.perf_counter() - t0)
         else:
-            plan, source, seconds = zoo_plans[nfe]
+            plan, source, seconds = found[nfe]
             record = _plan_record(plan, source, seconds)
         with torch.no_grad():
             if plan is None:
