@@ -233,6 +233,15 @@ def test_sample_shipped_model_with_a_plan(tmp_path, capsys):
     ref = dp.sample(zoo.guided(m, torch.arange(2), 3.0), x, plan, progress=False).x
     pixels = ((ref.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     assert np.array_equal(arrays[0][::4, ::4, 0], pixels[0, 0])
+    # A shipped plan with DPM-Solver-v3 steps runs with the statistics shipped for the model and guidance.
+    from dpmsolve.zoo.plans import plan_path
+
+    shipped = plan_path("digits", 6, 3.0)
+    assert main(["sample", "--model", "digits", "--plan", str(shipped), "--batch", "2", "--out", str(out)]) == 0
+    assert "E2ta" in capsys.readouterr().out
+    expected = dp.sample(zoo.guided(m, torch.arange(2), 3.0), x, zoo.plan("digits", 6), progress=False).x
+    pixels = ((expected.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    assert np.array_equal(_pngs(out)[1][0][::4, ::4, 0], pixels[0, 0])
     # A plan tuned for another model (identity recorded by dpmsolve.tune) is refused.
     from dpmsolve.tuning import search
     assert search.model_identity(zoo.guided(m, torch.arange(2), 3.0)).endswith("|cfg=3")

@@ -49,6 +49,26 @@ def test_v3_samples_the_shipped_model():
     assert torch.equal(out.x, again.x)
 
 
+def test_shipped_plans_with_v3_steps_come_with_the_shipped_statistics():
+    from dpmsolve.tuning import Plan
+    from dpmsolve.zoo.plans import plan_path
+
+    model = zoo.load("digits")
+    den = zoo.guided(model, torch.arange(8), 3.0)
+    x = torch.randn(8, *model.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    plan = zoo.plan("digits", 10)
+    assert plan.uses_ems and plan.ems.model == zoo.statistics("digits", 3.0).model
+    out = dp.sample(den, x, plan, progress=False)
+    # against a tight reference solve (DPM-Solver++ 3M, 200 uniform log-SNR steps)
+    ref = dp.sample(den, x, "dpmsolver++", order=3, steps=200, t_end=0, progress=False).x
+    errors = (out.x - ref).reshape(8, -1).pow(2).mean(1).sqrt()
+    assert out.nfe == 10 and float(errors.median()) < 0.03
+    bare = Plan.load(plan_path("digits", 10, 3.0))          # a plan file alone does not hold the statistics
+    with pytest.raises(EMSError, match="pass the model's statistics"):
+        dp.sample(den, x, bare, progress=False)
+    assert torch.equal(dp.sample(den, x, bare, ems=zoo.statistics("digits", 3.0), progress=False).x, out.x)
+
+
 def test_statistics_of_other_weights_or_settings_are_refused(tmp_path, monkeypatch):
     stats = zoo.statistics("digits", 3.0)
     with pytest.raises(EMSError, match="No shipped statistics"):

@@ -9,8 +9,9 @@ dp.sample(zoo.guided(m, labels, 3.0), x, plan)
 
 A plan belongs to one model, one guidance scale and one NFE. The shipped ones were tuned by
 ``python -m dpmsolve.zoo.plans NAME`` (:func:`dpmsolve.tune` on ``SAMPLES`` seeded start noises, a quarter held
-out, to sigma = 0, labels ``arange(K) % num_classes`` for class-conditional models); the file records the
-network's hash and loading refuses a plan of other weights or another guidance scale.
+out, to sigma = 0, labels ``arange(K) % num_classes`` for class-conditional models, all NFEs in one call, with the
+model's shipped DPM-Solver-v3 statistics); the file records the network's hash and loading refuses a plan of other
+weights or another guidance scale. A plan with v3 steps comes with the statistics attached.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from ..tuning import Plan, PlanError, model_identity, tune
 from . import MODELS, WEIGHTS_DIR, guided, load, statistics
+from .ems import statistics_path
 
 __all__ = ["SHIPPED_NFES", "GUIDANCE", "SAMPLES", "plan", "plan_path", "tune_model"]
 
@@ -64,11 +66,14 @@ def plan(name: str, nfe: int, guidance: float | None = 3.0) -> Plan:
 
 def tune_model(name: str, nfes=SHIPPED_NFES, guidance: float | None = None, samples: int | None = None,
                seed: int = NOISE_SEED, progress: bool | None = None, **options) -> dict[int, Plan]:
-    """Tune plans for zoo model ``name`` (default: its shipped guidance and number of tuning noises)."""
+    """Tune plans for zoo model ``name`` (default: its shipped guidance and number of tuning noises; with the
+    DPM-Solver-v3 statistics shipped for that guidance, when there are, so the search also tries v3 steps)."""
     model = load(name)
     guidance = (GUIDANCE[name] if guidance is None else guidance) if model.num_classes else None
     n = SAMPLES[name] if samples is None else int(samples)
     noise = torch.randn((n, *model.shape), generator=torch.Generator().manual_seed(seed))
+    if "ems" not in options and statistics_path(name, guidance).is_file():
+        options["ems"] = statistics(name, guidance)
     return tune(_denoiser_for(model, guidance, n), noise, list(nfes), progress=progress, **options)
 
 
