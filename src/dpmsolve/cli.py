@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--guidance", type=float, default=None,
                       help="classifier-free guidance scale of class-conditional models (default 3)")
     tune.add_argument("--samples", type=int, default=None,
-                      help="tuning start noises, a quarter held out (default 128; patches 64)")
+                      help="tuning start noises, a quarter held out (default 128)")
     tune.add_argument("--seed", type=int, default=12345, help="seed of the start noises")
     tune.add_argument("--endpoint", choices=["zero", "t_min"], default="zero",
                       help="tune the sample at sigma = 0 or at the schedule's t_min")
