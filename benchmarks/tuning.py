@@ -229,14 +229,20 @@ def _problems_in(data: dict) -> list[str]:
 def _failures(cell: dict) -> list[str]:
     peer = cell["peers"][cell["best_peer"]]
     t, out = cell["tuned"], []
-    r = cell["ratio_tuned"]["median"][0]
+
+    def band(ratio, bar):   # the paired 95% interval of a ratio, and whether it reaches the bar (a tie)
+        r, lo, hi = ratio
+        return f"paired 95% interval {lo:.2f}-{hi:.2f}" + (", inside the noise band" if lo <= bar else "")
+
+    r = cell["ratio_tuned"]["median"]
     if not cell["bar"]["median"]:
-        out.append(f"median ratio {r:.2f} > {MEDIAN_BAR} ({r / MEDIAN_BAR:.2f}x the bar)")
+        out.append(f"median ratio {r[0]:.2f} > {MEDIAN_BAR} ({r[0] / MEDIAN_BAR:.2f}x the bar; {band(r, MEDIAN_BAR)})")
     if not cell["bar"]["far"]:
         out.append(f"far {100 * t['far']:.1f}% vs peer {100 * peer['far']:.1f}% "
                    f"(+{100 * (t['far'] - peer['far']):.1f} pp > +0.5 pp)")
     if not cell["bar"]["rmse"]:
-        out.append(f"RMSE {_f(t['rmse'])} vs peer {_f(peer['rmse'])} ({t['rmse'] / peer['rmse']:.2f}x)")
+        out.append(f"RMSE {_f(t['rmse'])} vs peer {_f(peer['rmse'])} ({t['rmse'] / peer['rmse']:.2f}x; "
+                   f"{band(cell['ratio_tuned']['rmse'], 1.0)})")
     return out
 
 
